@@ -1,0 +1,81 @@
+"""The one Engine interface. Callers never branch on the backend."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from raypost.config import SamplingConfig
+
+
+@dataclass
+class Request:
+    """One prompt: chat messages, plus the dataset's gold answer for the reference engine."""
+
+    id: str
+    messages: list[dict[str, str]]
+    reference: str | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "logprob": self.logprob,
+            "top": [{"token": t, "logprob": lp} for t, lp in self.top],
+        }
+
+
+@dataclass
+class Completion:
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    # Shannon entropy (nats) of the first generated token's distribution: exact over the full
+    # vocabulary for transformers; for vLLM and OpenAI, estimated from the top-k logprobs.
+    first_token_entropy: float | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    backend: str
+    model: str
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Completion]]:
+        """n completions (sampling.n) for each request, in request order."""
+        ...
+
+    def close(self) -> None:
+        """Release the model and any processes or shared memory the backend holds."""
+        ...
+
+
+def entropy_from_logits(logits) -> float:
+    """Exact Shannon entropy (nats) of softmax(logits) over the full vocabulary."""
+    import torch
+
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return float(-(log_probs.exp() * log_probs).sum())
+
+
+def entropy_from_top_logprobs(logprobs: Sequence[float]) -> float:
+    """Entropy estimate from top-k logprobs: the listed tokens plus one bucket for the rest.
+
+    An approximation (a lower bound when the tail is spread over many tokens); documented
+    as such wherever vLLM or an OpenAI endpoint reports first-token entropy.
+    """
+    probs = [math.exp(lp) for lp in logprobs]
+    total = sum(probs)
+    entropy = -sum(p * math.log(p) for p in probs if p > 0)
+    rest = 1.0 - total
+    if rest > 1e-12:
+        entropy -= rest * math.log(rest)
+    return entropy

