@@ -27,7 +27,7 @@ STAGE_COMMANDS = {
 }
 
 # Packages that add commands of their own: each module has `register(subparsers)`.
-EXTRA_COMMAND_MODULES: list[str] = []
+EXTRA_COMMAND_MODULES: list[str] = ["raypost.evaluation.cli", "raypost.serving.cli"]
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,12 +13,20 @@ from typing import Annotated, Any, Union
 from pydantic import Field, PrivateAttr, model_validator
 
 from raypost.config import ModelsConfig, Resources, StrictModel
+from raypost.curation.config import CurateStage
+from raypost.evaluation.config import EvalStage
 from raypost.generation.config import GenerateStage
+from raypost.merging.config import MergeStage
+from raypost.training.config import TrainStage
 
 # kind -> (config model, "module:function" runner). A runner takes (stage, RunContext) and
 # returns a JSON-able summary dict. Add a stage kind by adding one line here.
 STAGES: dict[str, tuple[type[StrictModel], str]] = {
     "generate": (GenerateStage, "raypost.generation.stage:run_generate_stage"),
+    "curate": (CurateStage, "raypost.curation.stage:run_curate_stage"),
+    "eval": (EvalStage, "raypost.evaluation.stage:run_eval_stage"),
+    "merge": (MergeStage, "raypost.merging.stage:run_merge_stage"),
+    "train": (TrainStage, "raypost.training.stage:run_train_stage"),
 }
 
 

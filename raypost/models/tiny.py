@@ -26,9 +26,10 @@ def make_tiny_model(target: str | Path, tokenizer_dir: str | Path = DEFAULT_TOKE
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden_size // 4,
+        # head_dim 32: vLLM's CPU attention kernels support 32 and up, not 16.
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
         max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

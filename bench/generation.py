@@ -1,0 +1,155 @@
+"""Generation throughput: raypost on Ray Data vs the bare engine vs ray.data.llm used directly.
+
+All measured in one run on the same model, prompts and cores. Start-up (engine load, compile,
+warm-up: everything until the first batch is back) is reported apart, not hidden; tok/s are
+completion tokens per second after start-up.
+
+    python bench/generation.py [--prompts 256] [--max-tokens 64] [--model packaged:smollm2-135m-instruct]
+
+Last line: one JSON object with raypost_tok_s, bare_engine_tok_s, ratio, ray_data_llm_tok_s,
+vllm_vs_transformers and the start-up seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def load_questions(count: int) -> list[dict]:
+    shared = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+    source = shared if shared.exists() else REPO / "data" / "gsm8k" / "quickstart.jsonl"
+    lines = source.read_text().splitlines()
+    rows = []
+    for i in range(count):
+        question = json.loads(lines[i % len(lines)])["question"]
+        rows.append({"id": f"b{i}", "messages": [{"role": "user", "content": question}], "reference": None})
+    return rows
+
+
+def bare_engine(backend: str, model: str, rows, sampling, engine_config) -> dict:
+    from raypost.engines import Request, build_engine
+
+    started = time.perf_counter()
+    engine = build_engine(model, engine_config.model_copy(update={"backend": backend}))
+    # warm-up on one prompt so compile/first-call cost lands in start-up, as for the pipeline
+    engine.generate([Request("w", rows[0]["messages"])], sampling.model_copy(update={"max_tokens": 2}))
+    startup = time.perf_counter() - started
+    requests = [Request(r["id"], r["messages"]) for r in rows]
+    t0 = time.perf_counter()
+    outputs = engine.generate(requests, sampling)
+    seconds = time.perf_counter() - t0
+    tokens = sum(o[0].completion_tokens for o in outputs)
+    engine.close()
+    return {"tok_s": tokens / seconds, "startup_s": startup, "tokens": tokens, "seconds": seconds}
+
+
+def raypost_pipeline(model: str, rows, sampling, engine_config, resources) -> dict:
+    from raypost.generation.pipeline import generate
+
+    with tempfile.TemporaryDirectory() as out:
+        summary = generate(rows, model=model, output_dir=out, engine=engine_config, sampling=sampling,
+                           resources=resources, progress=False)
+    return {"tok_s": summary.tokens_per_second, "startup_s": summary.startup_seconds,
+            "tokens": summary.completion_tokens, "seconds": summary.seconds}
+
+
+def ray_data_llm_direct(model: str, rows, sampling, engine_config, resources) -> dict:
+    """Ray's processor with the same settings, no raypost code on the data path."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from raypost.engines.vllm_engine import vllm_engine_kwargs
+    from raypost.models import resolve_model
+
+    config = vLLMEngineProcessorConfig(
+        model_source=str(resolve_model(model)),
+        engine_kwargs=vllm_engine_kwargs(engine_config),
+        concurrency=resources.concurrency,
+        batch_size=engine_config.batch_size,
+        placement_group_config={"bundles": [{"CPU": resources.cpus_per_actor}]},
+        log_engine_metrics=False,
+    )
+    params = {"temperature": sampling.temperature, "max_tokens": sampling.max_tokens, "seed": sampling.seed}
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"messages": row["messages"], "sampling_params": params},
+        postprocess=lambda row: {"n": row["num_generated_tokens"]},
+    )
+    started = time.perf_counter()
+    first_at, tokens_after_first, total = None, 0, 0
+    for batch in processor(ray.data.from_items(rows)).iter_batches(batch_size=None):
+        now = time.perf_counter()
+        count = int(sum(batch["n"]))
+        total += count
+        if first_at is None:
+            first_at = now
+        else:
+            tokens_after_first += count
+    end = time.perf_counter()
+    return {"tok_s": tokens_after_first / max(end - first_at, 1e-9), "startup_s": first_at - started,
+            "tokens": total, "seconds": end - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--transformers-prompts", type=int, default=32,
+                        help="transformers is ~4x slower: fewer prompts keep the run short; tok/s is a rate")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+    from raypost.config import EngineConfig, Resources, SamplingConfig
+    from raypost.engines.vllm_engine import vllm_available
+    from raypost.models import resolve_model
+    from raypost.runtime import ensure_ray
+
+    resolve_model(args.model)  # convert once, outside every timing
+    rows = load_questions(args.prompts)
+    sampling = SamplingConfig(temperature=0.0, max_tokens=args.max_tokens, seed=0)
+    engine_config = EngineConfig(backend="vllm", max_model_len=1024, batch_size=args.batch_size)
+    resources = Resources(concurrency=1, cpus_per_actor=1)
+    result: dict = {"model": args.model, "prompts": args.prompts, "max_tokens": args.max_tokens,
+                    "cores": os.cpu_count()}
+
+    tf = bare_engine("transformers", args.model, rows[: args.transformers_prompts], sampling,
+                     engine_config.model_copy(update={"batch_size": 16}))
+    result["transformers_tok_s"] = round(tf["tok_s"], 1)
+    result["transformers_startup_s"] = round(tf["startup_s"], 1)
+    if not vllm_available():
+        result["error"] = "vLLM is not installed: only the transformers baseline ran"
+        print(json.dumps(result))
+        return
+
+    bare = bare_engine("vllm", args.model, rows, sampling, engine_config)
+    ensure_ray()
+    pipeline = raypost_pipeline(args.model, rows, sampling, engine_config, resources)
+    direct = ray_data_llm_direct(args.model, rows, sampling, engine_config, resources)
+    result.update(
+        raypost_tok_s=round(pipeline["tok_s"], 1),
+        bare_engine_tok_s=round(bare["tok_s"], 1),
+        ratio=round(pipeline["tok_s"] / bare["tok_s"], 3),
+        ray_data_llm_tok_s=round(direct["tok_s"], 1),
+        raypost_vs_ray_data_llm=round(pipeline["tok_s"] / direct["tok_s"], 3),
+        vllm_vs_transformers=round(bare["tok_s"] / tf["tok_s"], 2),
+        startup_s={"raypost": round(pipeline["startup_s"], 1), "bare_engine": round(bare["startup_s"], 1),
+                   "ray_data_llm": round(direct["startup_s"], 1)},
+        completion_tokens={"raypost": pipeline["tokens"], "bare_engine": bare["tokens"],
+                           "ray_data_llm": direct["tokens"]},
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

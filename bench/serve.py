@@ -1,0 +1,181 @@
+"""Serving benchmark: N concurrent HTTP clients against raypost on Ray Serve, vs the bare engine.
+
+    python bench/serve.py [--model packaged:smollm2-135m-instruct] [--clients 16] [--requests 64]
+
+Loopback only. The same GSM8K prompts go (1) through the Serve deployment by `--clients`
+concurrent clients and (2) through the bare engine in this process (vLLM `LLM.generate` for the
+vllm backend, `TransformersEngine.generate` in batches of `--clients` otherwise). Then one-token
+replies, one at a time, measure the latency Serve adds over the engine. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def load_prompts(count: int) -> list[list[dict[str, str]]]:
+    questions = []
+    if GSM8K.exists():
+        with GSM8K.open() as handle:
+            for line in handle:
+                questions.append(json.loads(line)["question"])
+                if len(questions) == count:
+                    break
+    while len(questions) < count:
+        questions.append(f"What is {len(questions)} plus {len(questions) + 3}?")
+    return [[{"role": "user", "content": q}] for q in questions]
+
+
+async def run_clients(url: str, model: str, prompts: list, clients: int, max_tokens: int) -> dict:
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for messages in prompts:
+        queue.put_nowait(messages)
+    latencies: list[float] = []
+    tokens = errors = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens, errors
+        while not queue.empty():
+            messages = queue.get_nowait()
+            start = time.perf_counter()
+            response = await http.post(url, json={"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                errors += 1
+                continue
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {"latencies": latencies, "tokens": tokens, "errors": errors, "wall": wall}
+
+
+def one_token_latencies_http(url: str, model: str, prompts: list, repeats: int) -> list[float]:
+    import httpx
+
+    result = []
+    with httpx.Client(timeout=120) as http:
+        for i in range(repeats):
+            body = {"model": model, "messages": prompts[i % len(prompts)], "max_tokens": 1, "temperature": 0}
+            start = time.perf_counter()
+            response = http.post(url, json=body)
+            result.append(time.perf_counter() - start)
+            response.raise_for_status()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="packaged:smollm2-135m-instruct", help="model reference, or `tiny`")
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs for Ray and for the one replica")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    import ray
+    from ray import serve
+
+    from raypost.config import EngineConfig, SamplingConfig
+    from raypost.engines import Request, build_engine
+    from raypost.serving.app import build_app
+    from raypost.serving.config import ServeConfig
+
+    model = args.model
+    if model == "tiny":
+        from raypost.models.tiny import make_tiny_model
+
+        model = str(make_tiny_model(Path(tempfile.mkdtemp()) / "model"))
+    prompts = load_prompts(args.requests)
+
+    # -- through Ray Serve ---------------------------------------------------------------
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # The replica gets every CPU so its torch uses as many threads as the bare engine does.
+    config = ServeConfig(models=[{"name": "bench", "model": model, "backend": args.backend, "cpus_per_replica": args.cpus,
+                                  "max_batch_size": args.clients, "max_model_len": 1024,
+                                  "replicas": {"max_ongoing_requests": max(64, args.clients * 2)}}])
+    started = time.perf_counter()
+    serve.run(build_app(config.model_dump()), name="bench", route_prefix="/")
+    startup_s = time.perf_counter() - started
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    asyncio.run(run_clients(url, "bench", prompts[: args.clients], args.clients, args.max_tokens))  # warm-up
+    served = asyncio.run(run_clients(url, "bench", prompts, args.clients, args.max_tokens))
+    serve_one_token = one_token_latencies_http(url, "bench", prompts, args.latency_repeats)
+    serve.shutdown()
+    ray.shutdown()
+
+    # -- the bare engine, same prompts ---------------------------------------------------
+    engine = build_engine(model, EngineConfig(backend=args.backend, max_model_len=1024, batch_size=args.clients))
+    requests = [Request(id=str(i), messages=m) for i, m in enumerate(prompts)]
+    sampling = SamplingConfig(temperature=0.0, max_tokens=args.max_tokens, seed=None)
+    engine.generate(requests[: args.clients], sampling)  # warm-up
+    start = time.perf_counter()
+    outputs = engine.generate(requests, sampling)
+    bare_wall = time.perf_counter() - start
+    bare_tokens = sum(o[0].completion_tokens for o in outputs)
+    one = SamplingConfig(temperature=0.0, max_tokens=1, seed=None)
+    bare_one_token = []
+    for i in range(args.latency_repeats):
+        start = time.perf_counter()
+        engine.generate([requests[i % len(requests)]], one)
+        bare_one_token.append(time.perf_counter() - start)
+    engine.close()
+
+    serve_tok_s = served["tokens"] / served["wall"]
+    bare_tok_s = bare_tokens / bare_wall
+    result = {
+        "bench": "serve",
+        "model": args.model,
+        "backend": args.backend,
+        "clients": args.clients,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "cpus": args.cpus,
+        "startup_s": round(startup_s, 2),
+        "p50_latency_s": round(statistics.median(served["latencies"]), 4),
+        "p99_latency_s": round(percentile(served["latencies"], 99), 4),
+        "requests_per_s": round(len(served["latencies"]) / served["wall"], 3),
+        "tokens_per_s": round(serve_tok_s, 2),
+        "errors": served["errors"],
+        "bare_tokens_per_s": round(bare_tok_s, 2),
+        "serve_vs_bare_tok_s": round(serve_tok_s / bare_tok_s, 3),
+        "one_token_p50_serve_ms": round(statistics.median(serve_one_token) * 1000, 2),
+        "one_token_p50_bare_ms": round(statistics.median(bare_one_token) * 1000, 2),
+        "one_token_p50_added_ms": round((statistics.median(serve_one_token) - statistics.median(bare_one_token)) * 1000, 2),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(result))
+    return 1 if served["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Run a list of curation steps over a Dataset and write the result.
+
+    curate(dataset, steps, output_dir=...) -> summary dict
+
+Writes `<output_dir>/part-*.parquet` (the curated rows), `<output_dir>/rejected/` (every row
+a step set aside, with its reason), `<output_dir>/sft|kto|preference/` (from a write step) and
+`<output_dir>/report.json` (each step's report). Rows that are malformed on arrival (no id,
+no usable messages) are set aside before the first step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+
+from raypost import records, schema
+from raypost.config import Resources
+from raypost.curation import config as cfg
+from raypost.curation.rows import CurationLog, collect
+
+OUTPUT_SUBDIRS = ("rejected", "sft", "kto", "preference")
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """Why a row cannot enter curation (None when it can)."""
+    if row.get(schema.ID) is None or str(row[schema.ID]).strip() == "":
+        return "missing id"
+    messages = row.get(schema.MESSAGES)
+    if not isinstance(messages, list) or not messages:
+        return "missing messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            return f"messages[{i}] is not a {{role, content}} message"
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        return "no non-empty user message"
+    return None
+
+
+def validate(dataset, log: CurationLog):
+    """Set aside rows that no step can use; the rest pass through unchanged."""
+    import pyarrow.compute as pc
+
+    def flag(batch: pa.Table) -> pa.Table:
+        problems = [row_problem(r) for r in batch.to_pylist()]
+        return batch.append_column("_problem", pa.array(problems, type=pa.string()))
+
+    flagged = dataset.map_batches(flag, batch_format="pyarrow").materialize()
+    bad = collect(flagged.map_batches(lambda b: b.filter(pc.is_valid(b.column("_problem"))), batch_format="pyarrow"))
+    for row in bad.to_pylist():
+        log.reject("input", row, row.pop("_problem"))
+    good = flagged.map_batches(lambda b: b.filter(pc.is_null(b.column("_problem"))).drop_columns(["_problem"]),
+                               batch_format="pyarrow")
+    log.report("input", {"rows_in": bad.num_rows + good.count(), "rows_rejected": bad.num_rows})
+    return good.materialize()
+
+
+def run_step(dataset, step, *, output_dir: Path, log: CurationLog, model_reference: Callable[[str], str],
+             stage_dir: Callable[[str], Path], resources: Resources, cache_dir: str | None):
+    """One configured step, Dataset in, Dataset out."""
+    if isinstance(step, cfg.DedupStep):
+        from raypost.curation.dedup import dedup
+
+        return dedup(dataset, field=step.field, exact=step.exact, near=step.near, threshold=step.threshold,
+                     num_perm=step.num_perm, shingle=step.shingle, shingle_size=step.shingle_size, log=log)
+    if isinstance(step, cfg.DiversityStep):
+        from raypost.curation.diversity import diversify
+
+        return diversify(dataset, budget=step.budget, n_clusters=step.n_clusters, embedder=step.embedder,
+                         seed=step.seed, concurrency=resources.concurrency, log=log)
+    if isinstance(step, cfg.VerifyStep):
+        from raypost.curation.accuracy import verify
+
+        return verify(dataset, kind=step.kind, response_field=step.response_field,
+                      reference_field=step.reference_field, drop_failed=step.drop_failed, log=log)
+    if isinstance(step, cfg.EntropyRouteStep):
+        from raypost.curation.entropy import TeacherSource, entropy_route
+
+        t = step.teacher
+        teacher = TeacherSource(
+            source=t.source,
+            stage_dir=None if t.stage is None else str(stage_dir(t.stage)),
+            model=model_reference(t.model) if t.source == "generate" else None,
+            engine=t.engine, sampling=t.sampling, output_dir=str(output_dir / "work" / "teacher_cot"))
+        return entropy_route(dataset, model=model_reference(step.model), engine=step.engine,
+                             answer_prompt=step.answer_prompt, answer_max_tokens=step.answer_max_tokens,
+                             low_quantile=step.low_quantile, high_quantile=step.high_quantile, teacher=teacher,
+                             short_answer_template=step.short_answer_template,
+                             require_verified_cot=step.require_verified_cot, resources=resources,
+                             cache_dir=cache_dir, log=log)
+    if isinstance(step, cfg.SelectStep):
+        from raypost.curation.selection import CandidateSource, select_responses
+
+        sources = [CandidateSource(
+            name=c.name, from_=c.source, stage_dir=None if c.stage is None else str(stage_dir(c.stage)),
+            model=None if c.model is None else model_reference(c.model), engine=c.engine, sampling=c.sampling,
+            output_dir=str(output_dir / "work" / f"candidates_{c.name}")) for c in step.candidates]
+        return select_responses(dataset, candidates=sources, scorer=step.scorer,
+                                scorer_model=model_reference(step.scorer_model) if step.scorer != "none" else None,
+                                scorer_engine=step.scorer_engine, verify_kind=step.verify_kind,
+                                resources=resources, cache_dir=cache_dir, log=log)
+    if isinstance(step, cfg.WriteStep):
+        from raypost.curation.writers import write_training_sets
+
+        write_training_sets(dataset, output_dir, formats=step.formats, sft_from=step.sft_from,
+                            kto_from=step.kto_from, log=log)
+        return dataset
+    raise TypeError(f"unknown curation step {step!r}")
+
+
+def clear_outputs(output_dir: Path) -> None:
+    """A rerun recomputes everything: drop the parts and subsets an earlier run wrote."""
+    for part in records.part_files(output_dir):
+        part.unlink()
+    for sub in (*OUTPUT_SUBDIRS, "work"):
+        if (output_dir / sub).is_dir():
+            shutil.rmtree(output_dir / sub)
+
+
+def curate(dataset, steps: Sequence[Any], *, output_dir: str | Path, model_reference: Callable[[str], str] = lambda m: m,
+           stage_dir: Callable[[str], Path] = Path, resources: Resources | None = None,
+           cache_dir: str | None = None, rejected: Sequence[records.Rejected] = ()) -> dict[str, Any]:
+    """Run `steps` (configs from raypost.curation.config) over `dataset`; write rows, rejects, report.
+
+    `rejected` carries rows the loader already set aside, so they are stored and counted too.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clear_outputs(output_dir)
+    resources = resources or Resources()
+    log = CurationLog(rejected=list(rejected))
+    started = time.perf_counter()
+    dataset = validate(dataset, log)
+    for step in steps:
+        dataset = run_step(dataset, step, output_dir=output_dir, log=log, model_reference=model_reference,
+                           stage_dir=stage_dir, resources=resources, cache_dir=cache_dir)
+    rows_out = 0
+    for table in (collect(dataset),):
+        if table.num_rows:
+            records.write_part(output_dir, table.to_pylist(), table.schema)
+            rows_out = table.num_rows
+    rejected = records.write_rejected(output_dir / "rejected", log.rejected) if log.rejected else 0
+    summary = {
+        "output_dir": str(output_dir),
+        "rows_out": rows_out,
+        "rows_rejected": rejected,
+        "rejected_by_step": log.counts(),
+        "rejected_dir": str(output_dir / "rejected"),
+        "steps": log.reports,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (output_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def load_rows(path: str | Path) -> tuple[Any, list[records.Rejected]]:
+    """Rows for curation from a stage directory, a Parquet file or a JSONL/JSON file (schema columns).
+
+    Returns the Dataset and the lines that could not be parsed (with file:line).
+    """
+    from raypost.curation.rows import dataset_from_rows, read_stage
+
+    path = Path(path)
+    if path.is_dir():
+        return read_stage(path), []
+    rows, bad = [], []
+    for location, row in records.iter_source_rows(path):
+        if isinstance(row, Exception):
+            bad.append(records.Rejected(None, {}, location, str(row)))
+        else:
+            rows.append(row)
+    if not rows:
+        raise records.DataError(f"{path}: no readable rows")
+    return dataset_from_rows(rows), bad

@@ -1,0 +1,277 @@
+"""Large-model-guided response selection, after arXiv 2411.02939.
+
+For each prompt, candidate responses are gathered (the dataset's reference solution, the
+teacher's responses, the student's), and scored: the verifier first (a correct answer beats
+an incorrect one), then the large model breaks ties, either by the candidate's perplexity
+under it (lower is better) or as a judge that rates the answer 1-10. The best candidate is
+the SFT target; best and worst are the KTO desirable/undesirable pair and the DPO/ORPO
+chosen/rejected pair.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from raypost import schema
+from raypost.config import EngineConfig, Resources, SamplingConfig
+from raypost.curation.rows import CurationLog, collect, column_names, natural_key, question_text, rows_table
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+JUDGE_PROMPT = (
+    "Rate how good the answer below is for the question, from 1 (wrong or useless) to 10 "
+    "(correct and clear). Reply with the number only.\n\nQuestion:\n{question}\n\nAnswer:\n{answer}"
+)
+SELECT_COLUMNS = {
+    "best": pa.string(),
+    "best_source": pa.string(),
+    "worst": pa.string(),
+    "worst_source": pa.string(),
+    "candidates": pa.list_(pa.struct([("source", pa.string()), ("text", pa.string()), ("verified", pa.bool_()),
+                                      ("score", pa.float64())])),
+}
+
+
+@dataclass
+class CandidateSource:
+    """One kind of candidate response.
+
+    from_: reference (the row's reference; GSM8K's <<calc>> notes removed), input (the rows'
+    `response`, every sample), stage (responses in `stage_dir`, joined by id), generate
+    (generated now with `model`, into `output_dir`).
+    """
+
+    name: str
+    from_: Literal["reference", "input", "stage", "generate"]
+    stage_dir: str | None = None
+    model: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
+    output_dir: str | None = None
+
+
+def clean_reference(text: str) -> str:
+    return _CALCULATOR.sub("", text).strip()
+
+
+class PerplexityScorer:
+    """Ray Data actor: mean log-probability per token of each candidate under the scoring model."""
+
+    def __init__(self, model: str, cache_dir: str | None, max_length: int = 1024):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from raypost.models import resolve_model
+
+        path = resolve_model(model, cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.max_length = max_length
+        self.torch = torch
+
+    def score(self, messages: list[dict[str, str]], text: str) -> float:
+        from raypost.engines.chat import render_prompt
+
+        torch = self.torch
+        prompt_ids = self.tokenizer(render_prompt(self.tokenizer, messages), add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not answer_ids:
+            return float("-inf")
+        ids = (prompt_ids + answer_ids)[-self.max_length :]
+        n_answer = min(len(answer_ids), len(ids) - 1)
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids])).logits[0, :-1].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(ids[1:])
+        token_log_probs = log_probs[torch.arange(len(targets)), targets][-n_answer:]
+        return float(token_log_probs.mean())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for row in rows:
+            try:
+                row["score"] = self.score(row[schema.MESSAGES], row["text"])
+            except Exception:  # unscorable candidates rank last among equals
+                row["score"] = float("-inf")
+        return rows_table(rows, batch.schema, {"score": pa.float64()})
+
+
+class JudgeScorer:
+    """Ray Data actor: the scoring model rates each candidate 1-10 (0 when it gives no number)."""
+
+    def __init__(self, model: str, engine: dict[str, Any], cache_dir: str | None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from raypost.engines import build_engine
+
+        self.engine = build_engine(model, EngineConfig.model_validate(engine), cache_dir)
+        self.sampling = SamplingConfig(temperature=0.0, max_tokens=4)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from raypost.engines import Request
+
+        rows = batch.to_pylist()
+        requests = [Request(f"{r[schema.ID]}:{r['source']}", [{"role": "user", "content": JUDGE_PROMPT.format(
+            question=question_text(r[schema.MESSAGES]), answer=r["text"])}]) for r in rows]
+        outputs = self.engine.generate(requests, self.sampling)
+        for row, out in zip(rows, outputs):
+            found = re.search(r"\d+", out[0].text)
+            row["score"] = float(min(10, int(found.group()))) if found else 0.0
+        return rows_table(rows, batch.schema, {"score": pa.float64()})
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def _gather(sources: list[CandidateSource], by_id: dict[str, list[dict[str, Any]]], resources: Resources | None,
+            cache_dir: str | None) -> dict[str, list[dict[str, Any]]]:
+    from raypost import records
+
+    candidates: dict[str, list[dict[str, Any]]] = {i: [] for i in by_id}
+
+    def add(i: str, source: str, text: Any) -> None:
+        if i in candidates and isinstance(text, str) and text.strip():
+            candidates[i].append({"source": source, "text": text})
+
+    for src in sources:
+        if src.from_ == "reference":
+            for i, rows in by_id.items():
+                if rows[0].get(schema.REFERENCE):
+                    add(i, src.name, clean_reference(rows[0][schema.REFERENCE]))
+        elif src.from_ == "input":
+            for i, rows in by_id.items():
+                for r in rows:
+                    add(i, f"{src.name}#{r.get(schema.SAMPLE_INDEX) or 0}", r.get(schema.RESPONSE))
+        else:
+            directory = src.stage_dir
+            if src.from_ == "generate":
+                from raypost.generation.pipeline import generate
+
+                directory = src.output_dir or f"candidates_{src.name}"
+                generate([{schema.ID: i, schema.MESSAGES: rows[0][schema.MESSAGES],
+                           schema.REFERENCE: rows[0].get(schema.REFERENCE)} for i, rows in by_id.items()],
+                         model=src.model, output_dir=directory, engine=src.engine, sampling=src.sampling,
+                         resources=resources, cache_dir=cache_dir, source=f"select:{src.name}", progress=False)
+            for r in records.read_rows(Path(directory)):
+                add(str(r[schema.ID]), f"{src.name}#{r.get(schema.SAMPLE_INDEX) or 0}", r.get(schema.RESPONSE))
+    return candidates
+
+
+def select_responses(dataset, *, candidates: list[CandidateSource], scorer: Literal["perplexity", "judge", "none"] = "perplexity",
+                     scorer_model: str | None = None, scorer_engine: EngineConfig | None = None,
+                     verify_kind: Literal["math", "code"] = "math", resources: Resources | None = None,
+                     cache_dir: str | None = None, log: CurationLog | None = None):
+    """One row per prompt with `best`, `worst` (and their sources) and every scored candidate.
+
+    Prompts with no candidate at all are set aside; prompts whose candidates are all equal
+    keep `best` (an SFT target) but get no pair (`worst` is null).
+    """
+    import ray
+
+    from raypost.verify import verify_rows
+
+    log = log if log is not None else CurationLog()
+    resources = resources or Resources()
+    started = time.perf_counter()
+    dataset = dataset.materialize()
+    names = column_names(dataset)
+    light = collect(dataset, [c for c in (schema.ID, schema.SAMPLE_INDEX, schema.MESSAGES, schema.REFERENCE,
+                                          schema.RESPONSE) if c in names]).to_pylist()
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for row in light:
+        by_id.setdefault(str(row[schema.ID]), []).append(row)
+    gathered = _gather(candidates, by_id, resources, cache_dir)
+
+    flat = []
+    for i, cands in gathered.items():
+        seen: set[str] = set()
+        for c in cands:
+            if c["text"] in seen:  # the same text from two sources is one candidate
+                continue
+            seen.add(c["text"])
+            flat.append({schema.ID: i, schema.MESSAGES: by_id[i][0][schema.MESSAGES],
+                         schema.REFERENCE: by_id[i][0].get(schema.REFERENCE), "source": c["source"], "text": c["text"]})
+    # the verifier first
+    for row, checked in zip(flat, verify_rows([dict(r) for r in flat], kind=verify_kind, response_field="text",
+                                              reference_field=schema.REFERENCE) if flat else []):
+        row["verified"] = checked.get("verified") if row.get(schema.REFERENCE) else None
+    # then the large model
+    if flat and scorer != "none":
+        if scorer_model is None:
+            raise ValueError("select: scorer_model is required for scorer perplexity or judge")
+        candidates_ds = ray.data.from_arrow(pa.Table.from_pylist(flat))
+        if scorer == "perplexity":
+            scored = candidates_ds.map_batches(PerplexityScorer, fn_constructor_kwargs=dict(
+                model=scorer_model, cache_dir=cache_dir), batch_size=16, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=resources.concurrency), num_cpus=resources.cpus_per_actor,
+                num_gpus=resources.gpus_per_actor)
+        else:
+            scored = candidates_ds.map_batches(JudgeScorer, fn_constructor_kwargs=dict(
+                model=scorer_model, engine=(scorer_engine or EngineConfig()).model_dump(), cache_dir=cache_dir),
+                batch_size=16, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
+                num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor)
+        flat = collect(scored).to_pylist()
+    else:
+        for row in flat:
+            row["score"] = 0.0
+
+    per_id: dict[str, list[dict[str, Any]]] = {}
+    for row in flat:
+        per_id.setdefault(row[schema.ID], []).append(row)
+    decision: dict[str, dict[str, Any]] = {}
+    pairs = 0
+    for i in sorted(by_id, key=natural_key):
+        cands = per_id.get(i, [])
+        if not cands:
+            for row in by_id[i]:
+                log.reject("select", row, "no candidate response (no reference, teacher or student text)")
+            continue
+        # verified beats unverified beats unknown is not needed: unknown (no reference) ranks as unverified
+        ranked = sorted(cands, key=lambda c: (bool(c.get("verified")), c["score"] if np.isfinite(c["score"]) else -1e30,
+                                              c["source"]), reverse=True)
+        best, worst = ranked[0], ranked[-1]
+        has_pair = len(ranked) > 1 and (bool(best.get("verified")), best["score"]) != (bool(worst.get("verified")), worst["score"])
+        pairs += has_pair
+        decision[i] = {
+            "best": best["text"], "best_source": best["source"],
+            "worst": worst["text"] if has_pair else None, "worst_source": worst["source"] if has_pair else None,
+            "candidates": [{"source": c["source"], "text": c["text"], "verified": c.get("verified"),
+                            "score": c["score"] if np.isfinite(c["score"]) else None} for c in ranked],
+            "sample": by_id[i][0].get(schema.SAMPLE_INDEX),
+        }
+
+    def keep(batch: pa.Table) -> pa.Table:
+        rows = []
+        for row in batch.to_pylist():
+            d = decision.get(str(row[schema.ID]))
+            if d is None or row.get(schema.SAMPLE_INDEX) != d["sample"]:
+                continue
+            row.update({k: v for k, v in d.items() if k != "sample"})
+            rows.append(row)
+        return rows_table(rows, batch.schema, SELECT_COLUMNS)
+
+    selected = dataset.map_batches(keep, batch_format="pyarrow").materialize()
+    best_sources: dict[str, int] = {}
+    for d in decision.values():
+        key = d["best_source"].split("#")[0]
+        best_sources[key] = best_sources.get(key, 0) + 1
+    log.report("select", {
+        "scorer": scorer,
+        "scorer_model": scorer_model,
+        "prompts_in": len(by_id),
+        "prompts_out": len(decision),
+        "candidates": len(flat),
+        "pairs": pairs,
+        "best_by_source": best_sources,
+        "seconds": round(time.perf_counter() - started, 3),
+    })
+    return selected

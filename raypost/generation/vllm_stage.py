@@ -1,0 +1,124 @@
+"""The vLLM generation stage, built on Ray's own `ray.data.llm` processor.
+
+Ray's processor already chains chat template -> tokenize -> vLLM engine actors -> detokenize;
+raypost only maps its rows to and from the record schema. On CPUs it gets a CPU-only
+placement bundle; on GPUs, GPUs per actor and tensor parallelism come from the recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raypost import schema
+from raypost.config import EngineConfig, Resources, SamplingConfig
+from raypost.engines.base import entropy_from_top_logprobs
+from raypost.engines.vllm_engine import vllm_engine_kwargs
+
+# Top-k kept when only first-token entropy is asked: the estimate needs some tail mass.
+ENTROPY_TOP_K = 20
+
+
+def vllm_sampling_params(sampling: SamplingConfig, sample_index: int) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "n": 1,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+    }
+    if sampling.seed is not None:
+        params["seed"] = sampling.seed + sample_index
+    if sampling.stop:
+        params["stop"] = list(sampling.stop)
+    logprobs = sampling.logprobs
+    if sampling.first_token_entropy:
+        logprobs = max(logprobs or 0, ENTROPY_TOP_K)
+    if logprobs is not None:
+        params["logprobs"] = logprobs
+    return params
+
+
+def processor_config(model_path: Path, engine: EngineConfig, resources: Resources):
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    kwargs = vllm_engine_kwargs(engine, resources.tensor_parallel_size)
+    if resources.gpus_per_actor > 0:
+        placement = {"bundle_per_worker": {"GPU": 1, "CPU": resources.cpus_per_actor}}
+    else:
+        # Without GPUs, Ray's default bundle asks for a GPU and never schedules: CPU only.
+        placement = {"bundles": [{"CPU": resources.cpus_per_actor}] * resources.tensor_parallel_size}
+    return vLLMEngineProcessorConfig(
+        model_source=str(model_path),
+        engine_kwargs=kwargs,
+        concurrency=resources.concurrency,
+        batch_size=engine.batch_size,
+        placement_group_config=placement,
+        should_continue_on_error=True,
+        log_engine_metrics=False,
+    )
+
+
+def _to_record(row: dict[str, Any], sampling: SamplingConfig, model_label: str) -> dict[str, Any]:
+    error = row.get("__inference_error__") or None
+    logprob_steps = row.get("logprobs")
+    records_, entropy = None, None
+    if logprob_steps is not None and len(logprob_steps) and not error:
+        generated = list(row.get("generated_tokens") or [])
+        records_ = []
+        for position, step in enumerate(logprob_steps):
+            ranked = sorted(
+                ((info["logprob"], info.get("decoded_token") or "", int(token_id))
+                 for token_id, info in _items(step)),
+                reverse=True,
+            )
+            if position == 0:
+                entropy = entropy_from_top_logprobs([lp for lp, _, _ in ranked])
+            token_id = generated[position] if position < len(generated) else None
+            chosen = next(((lp, tok) for lp, tok, tid in ranked if tid == token_id), (float("nan"), ""))
+            records_.append({
+                "token": chosen[1],
+                "logprob": float(chosen[0]),
+                "top": [{"token": tok, "logprob": float(lp)} for lp, tok, _ in ranked[: sampling.logprobs or 0]],
+            })
+    completion_tokens = int(row.get("num_generated_tokens") or 0)
+    return {
+        schema.ID: row[schema.ID],
+        schema.MESSAGES: row[schema.MESSAGES],
+        schema.REFERENCE: row.get(schema.REFERENCE),
+        schema.SAMPLE_INDEX: int(row[schema.SAMPLE_INDEX]),
+        schema.RESPONSE: None if error else row.get("generated_text", ""),
+        schema.PROMPT_TOKENS: int(row.get("num_input_tokens") or 0),
+        schema.COMPLETION_TOKENS: completion_tokens,
+        # ray.data.llm does not pass vLLM's finish reason through; a full budget means "length".
+        schema.FINISH_REASON: None if error else ("length" if completion_tokens >= sampling.max_tokens else "stop"),
+        schema.LOGPROBS: records_ if sampling.logprobs is not None else None,
+        schema.FIRST_TOKEN_ENTROPY: entropy if sampling.first_token_entropy else None,
+        schema.ENGINE: "vllm",
+        schema.MODEL: model_label,
+        "error": str(error) if error else None,
+    }
+
+
+def _items(step: Any):
+    if isinstance(step, dict):
+        return [(k, v) for k, v in step.items() if v is not None]
+    return []
+
+
+def vllm_generation_stage(dataset, model_path: Path, model_label: str, engine: EngineConfig,
+                          sampling: SamplingConfig, resources: Resources):
+    """Rows with id/messages/reference/sample_index in, generation-schema rows (+ error) out."""
+    from ray.data.llm import build_processor
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **row,
+            "sampling_params": vllm_sampling_params(sampling, int(row[schema.SAMPLE_INDEX])),
+        }
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        return _to_record(row, sampling, model_label)
+
+    processor = build_processor(processor_config(model_path, engine, resources),
+                                preprocess=preprocess, postprocess=postprocess)
+    return processor(dataset)

@@ -1,0 +1,141 @@
+"""Config of training: one block per method, scaling, checkpointing, failure, tracking.
+
+Defaults run on a laptop CPU; the same recipe scales by changing `scaling`, not code. Method
+defaults follow the papers and TRL: SFT lr 2e-5; DPO (Rafailov et al. 2023) and KTO
+(Ethayarajh et al. 2024) beta 0.1 at lr ~5e-7..5e-6; ORPO (Hong et al. 2024) lambda 0.1 at lr 8e-6.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raypost.config import StrictModel
+
+Method = Literal["sft", "kto", "dpo", "orpo"]
+
+
+class LoraBlock(StrictModel):
+    """LoRA via peft; merged into a full checkpoint on export."""
+
+    r: int = Field(16, ge=1, description="rank")
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class MethodBlock(StrictModel):
+    learning_rate: float = Field(2e-5, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16, description="tokens per example (per packed row for SFT)")
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    lora: LoraBlock | None = Field(None, description="set to train a LoRA adapter instead of all weights")
+
+
+class SFTBlock(MethodBlock):
+    packing: bool = Field(True, description="best-fit-decreasing packing, padding-free (TRL `bfd`)")
+    completion_only_loss: bool | None = Field(None, description="default: True for prompt/completion data")
+
+
+class KTOBlock(MethodBlock):
+    learning_rate: float = Field(5e-6, gt=0)
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    per_device_train_batch_size: int = Field(4, ge=2, description="KTO's KL estimate needs >= 2")
+
+
+class DPOBlock(MethodBlock):
+    learning_rate: float = Field(5e-6, gt=0)
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = Field("sigmoid", description="TRL DPO loss: sigmoid (DPO), ipo, hinge, ...")
+
+
+class ORPOBlock(MethodBlock):
+    learning_rate: float = Field(8e-6, gt=0)
+    beta: float = Field(0.1, gt=0, description="lambda of the odds-ratio term (ORPO paper)")
+
+
+class ScalingBlock(StrictModel):
+    """Ray Train workers. On GPUs: use_gpu + deepspeed zero2/zero3 + bf16. On CPUs: DDP over gloo."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = Field(None, description='e.g. {"CPU": 4, "GPU": 1}')
+    deepspeed: Literal["none", "zero2", "zero3"] = "none"
+    offload_optimizer: bool = Field(False, description="ZeRO: optimizer states in CPU memory")
+    offload_params: bool = Field(False, description="ZeRO-3: parameters in CPU memory")
+    bf16: bool = Field(True, description="bf16 mixed precision on GPU; CPU runs stay fp32")
+
+    @model_validator(mode="after")
+    def _offload(self) -> "ScalingBlock":
+        if self.offload_params and self.deepspeed != "zero3":
+            raise ValueError("offload_params needs deepspeed: zero3")
+        if self.offload_optimizer and self.deepspeed == "none":
+            raise ValueError("offload_optimizer needs deepspeed: zero2 or zero3")
+        return self
+
+
+class CheckpointingBlock(StrictModel):
+    save_steps: int = Field(50, ge=1, description="a Ray Train checkpoint every N optimizer steps")
+    keep: int = Field(2, ge=1, description="checkpoints kept in storage")
+    storage_path: str | None = Field(None, description="local dir or URI (s3://, gs://); default <output_dir>/ray")
+
+
+class FailureBlock(StrictModel):
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint; -1: no limit")
+
+
+class TrackingBlock(StrictModel):
+    backend: Literal["none", "tensorboard", "mlflow"] = "none"
+    dir: str | None = Field(None, description="local log dir (MLflow: file store); default <output_dir>/tracking")
+
+
+class TrainConfig(StrictModel):
+    method: Method = "sft"
+    sft: SFTBlock = Field(default_factory=SFTBlock)
+    kto: KTOBlock = Field(default_factory=KTOBlock)
+    dpo: DPOBlock = Field(default_factory=DPOBlock)
+    orpo: ORPOBlock = Field(default_factory=ORPOBlock)
+    scaling: ScalingBlock = Field(default_factory=ScalingBlock)
+    checkpointing: CheckpointingBlock = Field(default_factory=CheckpointingBlock)
+    failure: FailureBlock = Field(default_factory=FailureBlock)
+    tracking: TrackingBlock = Field(default_factory=TrackingBlock)
+    logging_steps: int = Field(1, ge=1)
+    seed: int = 0
+
+    @property
+    def block(self) -> MethodBlock:
+        return getattr(self, self.method)
+
+
+class DatasetRef(StrictModel):
+    """A training set: an earlier stage's output (optionally one split sub-dir) or a path."""
+
+    stage: str | None = None
+    split: str | None = Field(None, description="sub-dir of the stage output, e.g. sft, kto, preference")
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DatasetRef":
+        if (self.path is None) == (self.stage is None):
+            raise ValueError("give exactly one of `path` or `stage`")
+        return self
+
+
+class TrainStage(TrainConfig):
+    kind: Literal["train"]
+    name: str = "train"
+    model: str = Field("student", description="a name from `models`, a model reference, or stage:<train stage>")
+    dataset: DatasetRef
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields)))

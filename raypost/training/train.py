@@ -1,0 +1,192 @@
+"""`train()`: SFT, KTO, DPO or ORPO with TRL inside a Ray Train `TorchTrainer`.
+
+    result = train(TrainConfig(method="sft"), model="packaged:smollm2-135m-instruct",
+                   dataset="runs/x/curate/sft", output_dir="runs/x/sft")
+    result.model_dir   # HF safetensors checkpoint + tokenizer + chat template
+
+The data is validated on the driver before any worker starts. A finished run leaves
+`train_result.json`; calling again with the same inputs returns it without training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypost import records
+from raypost.training.config import TrainConfig
+from raypost.training.data import load_training_rows
+from raypost.training.worker import EXPORT_MARKER, LOG_HISTORY, train_loop_per_worker
+
+RESULT_FILE = "train_result.json"
+RUN_NAME = "train"
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or did not finish."""
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    method: str
+    steps: int
+    base_model: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    rejected: int = 0
+    ranks_consistent: bool | None = None
+    peak_rss_mb_per_worker: list[float] = field(default_factory=list)
+    skipped: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        loss = self.metrics.get("train_loss")
+        state = "already done" if self.skipped else "done"
+        return (f"train {self.method}: {state}, {self.steps} steps, {self.rows} rows ({self.rejected} rejected), "
+                f"train_loss {loss if loss is None else round(loss, 4)} -> {self.model_dir}")
+
+
+def _resolve_model(model: str, cache_dir: str | None) -> str:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    from raypost.models import resolve_model
+
+    return str(Path(resolve_model(model, cache_dir)).resolve())
+
+
+def _fingerprint(config: TrainConfig, model_path: str, dataset: Path) -> str:
+    data_files = sorted(dataset.rglob("*")) if dataset.is_dir() else [dataset]
+    stats = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in data_files if p.is_file()]
+    # where checkpoints go and how often a run logs don't change what it trains
+    payload = config.model_dump(exclude={"checkpointing": {"storage_path"}, "tracking": True})
+    blob = json.dumps([payload, model_path, stats], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_tracking(config: TrainConfig) -> None:
+    if config.tracking.backend == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise TrainError("tracking.backend: mlflow is not installed (pip install 'raypost[tracking]')")
+
+
+def _scaling_config(config: TrainConfig):
+    from ray.train import ScalingConfig
+
+    scaling = config.scaling
+    resources = scaling.resources_per_worker
+    if resources is None:
+        resources = {"CPU": 1.0, "GPU": 1.0} if scaling.use_gpu else {"CPU": 1.0}
+    return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources)
+
+
+def _copy_model(checkpoint_dir: Path, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir / "model", tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: str | Path, resume: bool = True,
+          cache_dir: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Train `model` on `dataset` (Parquet dir or JSONL in TRL's format for `config.method`).
+
+    `resume`: continue from the last Ray Train checkpoint of an interrupted run in the same
+    storage. `callbacks`: extra transformers TrainerCallbacks run in every worker (picklable)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from raypost.runtime import ensure_ray
+
+    output_dir = Path(output_dir).expanduser().resolve()
+    model_path = _resolve_model(model, cache_dir)
+    data = load_training_rows(dataset, config.method)
+    fingerprint = _fingerprint(config, model_path, Path(data.source))
+    result_file = output_dir / RESULT_FILE
+    if result_file.exists():
+        saved = json.loads(result_file.read_text())
+        if saved.get("fingerprint") == fingerprint and (output_dir / "model").is_dir():
+            saved.pop("fingerprint")
+            return TrainResult(**{**saved, "skipped": True})
+        raise TrainError(f"{output_dir}: holds a finished run with another config, model or dataset; "
+                         "remove the directory or choose another output_dir")
+    _check_tracking(config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if data.rejected:
+        records.write_rejected(output_dir / "rejected", data.rejected)
+        print(f"train: {len(data.rejected)} row(s) set aside in {output_dir / 'rejected'}; "
+              f"first: {data.rejected[0].source}: {data.rejected[0].reason}")
+    if config.tracking.backend != "none" and config.tracking.dir is None:
+        config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"dir": str(output_dir / "tracking")})})
+
+    storage = config.checkpointing.storage_path or str(output_dir / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+        if not resume:
+            shutil.rmtree(Path(storage) / RUN_NAME, ignore_errors=True)
+    elif not resume:
+        raise TrainError("resume=False with a remote storage_path: pick a new storage_path instead")
+
+    # Ray Train's print patch would echo each progress line twice in the driver's log
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ensure_ray()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(),
+            "model_path": model_path,
+            "rows": ray.put(data.rows),
+            "callbacks": list(callbacks or []),
+        },
+        scaling_config=_scaling_config(config),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=config.failure.max_failures),
+            # +1: the export is the last checkpoint and must not push out the last training one early
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpointing.keep + 1),
+        ),
+    )
+    outcome = trainer.fit()
+    if outcome.error is not None:
+        raise TrainError(f"training failed: {outcome.error}") from outcome.error
+    checkpoint = outcome.checkpoint
+    if checkpoint is None:
+        raise TrainError("training finished without a checkpoint")
+    with checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        if not (directory / EXPORT_MARKER).exists():
+            raise TrainError(f"the last checkpoint {checkpoint.path} is not an export")
+        metrics = json.loads((directory / EXPORT_MARKER).read_text())
+        history = json.loads((directory / LOG_HISTORY).read_text())
+        digests = {p.read_text() for p in directory.glob("param_digest_rank*.txt")}
+        peaks = [float(p.read_text()) for p in sorted(directory.glob("peak_rss_mb_rank*.txt"))]
+        _copy_model(directory, output_dir / "model")
+
+    result = TrainResult(
+        model_dir=str(output_dir / "model"),
+        method=config.method,
+        steps=int(metrics["step"]),
+        base_model=model_path,
+        metrics=metrics,
+        history=history,
+        rows=len(data.rows),
+        rejected=len(data.rejected),
+        ranks_consistent=(len(digests) == 1) if digests else None,
+        peak_rss_mb_per_worker=peaks,
+    )
+    result_file.write_text(json.dumps({**result.as_dict(), "fingerprint": fingerprint}, indent=2, default=str))
+    return result

@@ -1,0 +1,112 @@
+"""Recipe validation: every kind of bad recipe gets one clear message and exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypost.config import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = {
+    "name": "t",
+    "models": {"teacher": "packaged:smollm2-135m-instruct"},
+    "stages": [
+        {
+            "kind": "generate",
+            "name": "teacher",
+            "sampling": {"max_tokens": 16},
+            "input": {"path": str(REPO / "data/gsm8k/quickstart.jsonl"), "prompt_field": "question"},
+        }
+    ],
+}
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def mutate(**changes):
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    stage = data["stages"][0]
+    for key, value in changes.items():
+        node, *rest = key.split("__")
+        target = stage if node == "stage" else data
+        path = rest if node == "stage" else [node] + rest
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+    return data
+
+
+def test_good_recipe_and_overrides(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD), ["stages.teacher.sampling.max_tokens=32", "resources.concurrency=2"])
+    assert recipe.stages[0].sampling.max_tokens == 32
+    assert recipe.resources.concurrency == 2
+    recipe = load_recipe(write(tmp_path, GOOD), ["stages.0.engine.backend=transformers"])
+    assert recipe.stages[0].engine.backend == "transformers"
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (mutate(stage__sampling__temprature=0.5), "stages[0].sampling.temprature: unknown key"),
+        (mutate(stage__sampling__max_tokens="many"), "stages[0].sampling.max_tokens: Input should be a valid integer"),
+        (mutate(stage__input__path="nowhere/prompts.jsonl"), "stages[0].input.path: Value error, path does not exist: nowhere/prompts.jsonl"),
+        (mutate(stage__engine__backend="tgi"), "stages[0].engine.backend: Input should be 'auto', 'vllm'"),
+        (mutate(stage__kind="gnerate"), "stages[0]: Input tag 'gnerate' found using 'kind' does not match"),
+        ({k: v for k, v in GOOD.items() if k != "name"}, "name: field required"),
+        (mutate(resources__concurrency=0), "resources.concurrency: Input should be greater than or equal to 1"),
+    ],
+    ids=["unknown-key", "wrong-type", "bad-path", "bad-enum", "unknown-stage-kind", "missing-field", "out-of-range"],
+)
+def test_bad_recipes_name_file_field_and_expectation(tmp_path, data, expected):
+    path = write(tmp_path, data)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert message.startswith(str(path) + ": ")
+    assert expected in message
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "name: t\nstages: [\n  - kind: generate\n")
+    with pytest.raises(RecipeError, match=r"recipe.yaml: line \d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_bad_override_is_reported(tmp_path):
+    with pytest.raises(RecipeError, match="no list element 'nope'"):
+        load_recipe(write(tmp_path, GOOD), ["stages.nope.sampling.n=2"])
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        load_recipe(write(tmp_path, GOOD), ["stages"])
+
+
+def test_cli_exits_2_with_one_message_and_no_traceback(tmp_path):
+    path = write(tmp_path, mutate(stage__sampling__temperature="hot"))
+    result = subprocess.run([sys.executable, "-m", "raypost", "run", str(path)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{path}: stages[0].sampling.temperature: Input should be a valid number" in result.stderr
+
+
+def test_help_on_each_command():
+    for command in (["--help"], ["run", "--help"], ["generate", "--help"], ["models", "list", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "raypost", *command], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "usage: raypost" in result.stdout
+
+
+def test_quickstart_recipe_is_valid():
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    assert recipe.stages[0].kind == "generate"

@@ -1,0 +1,135 @@
+"""Each engine behind the one interface: transformers, reference, openai (against a local server)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from raypost.config import EngineConfig, SamplingConfig
+from raypost.engines import Request, build_engine
+from raypost.engines.base import entropy_from_top_logprobs
+from raypost.engines.openai_engine import EndpointError
+
+QUESTION = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def test_transformers_engine_samples_logprobs_and_exact_entropy(tiny_model):
+    import torch
+
+    engine = build_engine(str(tiny_model), EngineConfig(backend="transformers"))
+    outputs = engine.generate([Request("a", QUESTION), Request("b", [{"role": "user", "content": "Hi"}])],
+                              SamplingConfig(max_tokens=5, n=2, temperature=0.9, logprobs=3, first_token_entropy=True))
+    assert [len(o) for o in outputs] == [2, 2]
+    first = outputs[0][0]
+    assert first.completion_tokens == len(first.logprobs) <= 5
+    assert first.prompt_tokens > 5 and first.finish_reason in ("stop", "length")
+    assert len(first.logprobs[0].top) == 3
+    # a random model is close to uniform: entropy near log(vocab)
+    vocab = engine.tokenizer.vocab_size
+    assert 0.5 * math.log(vocab) < first.first_token_entropy <= math.log(len(engine.tokenizer)) + 1e-3
+    greedy = engine.generate([Request("a", QUESTION)], SamplingConfig(max_tokens=4))
+    again = engine.generate([Request("a", QUESTION)], SamplingConfig(max_tokens=4))
+    assert greedy[0][0].text == again[0][0].text
+    engine.close()
+
+
+def test_reference_engine_answers_from_gold_and_counts_calls():
+    engine = build_engine("gold", EngineConfig(backend="reference"))
+    out = engine.generate([Request("a", QUESTION, reference="four #### 4")], SamplingConfig(max_tokens=50))
+    assert out[0][0].text == "four #### 4" and engine.calls == 1
+    with pytest.raises(ValueError, match="no reference answer"):
+        engine.generate([Request("b", QUESTION)], SamplingConfig())
+
+
+def test_entropy_from_top_logprobs_accounts_for_the_tail():
+    assert entropy_from_top_logprobs([math.log(0.5), math.log(0.5)]) == pytest.approx(math.log(2))
+    # 0.5 listed + 0.5 unlisted: the tail is one bucket
+    assert entropy_from_top_logprobs([math.log(0.5)]) == pytest.approx(math.log(2))
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible endpoint: fails the first request of each prompt with 429/503."""
+
+    failures: dict[str, int] = {}
+    lock = threading.Lock()
+    seen_auth: list[str] = []
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen_auth.append(self.headers.get("Authorization", ""))
+        content = body["messages"][-1]["content"]
+        with self.lock:
+            count = self.failures.get(content, 0)
+            self.failures[content] = count + 1
+        if content == "always-broken":
+            return self._send(500, {"error": {"message": "boom"}})
+        if count == 0 and content.startswith("flaky"):
+            return self._send(429 if content.endswith("1") else 503, {"error": {"message": "slow down"}},
+                              {"Retry-After": "0"})
+        choices = []
+        for i in range(body.get("n", 1)):
+            message = {"role": "assistant", "content": f"echo {content} #{i}"}
+            choice = {"index": i, "message": message, "finish_reason": "stop"}
+            if body.get("logprobs"):
+                choice["logprobs"] = {"content": [
+                    {"token": "echo", "logprob": math.log(0.5),
+                     "top_logprobs": [{"token": "echo", "logprob": math.log(0.5)},
+                                      {"token": "say", "logprob": math.log(0.25)}]}]}
+            choices.append(choice)
+        self._send(200, {"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * len(choices)}})
+
+    def _send(self, status, payload, headers=None):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def fake_openai():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeOpenAI.failures.clear()
+    FakeOpenAI.seen_auth.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_openai_engine_retries_429_and_5xx_and_keeps_logprobs(fake_openai, monkeypatch):
+    monkeypatch.setenv("TEACHER_KEY", "sk-test")
+    config = EngineConfig(backend="openai", base_url=fake_openai, api_key_env="TEACHER_KEY", max_concurrency=4,
+                          max_retries=3)
+    engine = build_engine("teacher-model", config)
+    requests = [Request(str(i), [{"role": "user", "content": text}]) for i, text in enumerate(["flaky1", "flaky2", "calm"])]
+    outputs = engine.generate(requests, SamplingConfig(n=2, logprobs=2, first_token_entropy=True))
+    assert [o[0].text for o in outputs] == ["echo flaky1 #0", "echo flaky2 #0", "echo calm #0"]
+    assert outputs[0][1].text == "echo flaky1 #1"
+    assert FakeOpenAI.failures["flaky1"] == 2 and FakeOpenAI.failures["calm"] == 1
+    assert outputs[2][0].prompt_tokens == 7 and outputs[2][0].logprobs[0].top[1] == ("say", math.log(0.25))
+    assert outputs[2][0].first_token_entropy == pytest.approx(entropy_from_top_logprobs([math.log(0.5), math.log(0.25)]))
+    assert set(FakeOpenAI.seen_auth) == {"Bearer sk-test"}
+    engine.close()
+
+
+def test_openai_engine_gives_up_with_a_clear_error(fake_openai):
+    engine = build_engine("m", EngineConfig(backend="openai", base_url=fake_openai, max_retries=1))
+    with pytest.raises(EndpointError, match="HTTP 500 after 1 retries"):
+        engine.generate([Request("x", [{"role": "user", "content": "always-broken"}])], SamplingConfig())
+    engine.close()
+    unreachable = build_engine("m", EngineConfig(backend="openai", base_url="http://127.0.0.1:9/v1", max_retries=0,
+                                                 timeout_s=2))
+    with pytest.raises(EndpointError, match="ConnectError"):
+        unreachable.generate([Request("x", QUESTION)], SamplingConfig())
+    unreachable.close()

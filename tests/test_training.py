@@ -1,0 +1,222 @@
+"""Training on real Ray Train + TRL with a tiny model: every method, DDP, DeepSpeed, resume, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raypost.training import DatasetError, TrainConfig, TrainError, load_training_rows, train
+from raypost.training.callbacks import CrashOnceCallback
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _user(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"What is {i} plus {i}?"}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def rows_for(method: str, n: int = 4) -> list[dict]:
+    rows = []
+    for i in range(n):
+        if method == "sft":
+            rows.append({"prompt": _user(i), "completion": _assistant(f"{i} plus {i} is {2 * i}.")})
+        elif method == "kto":
+            good = i % 2 == 0
+            rows.append({"prompt": _user(i), "completion": _assistant(f"It is {2 * i if good else i - 7}."), "label": good})
+        else:
+            rows.append({"prompt": _user(i), "chosen": _assistant(f"{i} plus {i} is {2 * i}."),
+                         "rejected": _assistant("I do not know, sorry.")})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def small_config(method: str, **overrides) -> TrainConfig:
+    # one fixed batch (4 rows, batch 4) repeated, a high lr: the loss must fall within a few steps
+    block = {"learning_rate": 2e-3, "max_steps": 5, "per_device_train_batch_size": 4, "max_length": 64}
+    data = {"method": method, method: block, "checkpointing": {"save_steps": 50}, "failure": {"max_failures": 0}}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return TrainConfig.model_validate(data)
+
+
+def losses(result) -> list[float]:
+    return [h["loss"] for h in result.history if "loss" in h]
+
+
+def assert_loads(model_dir: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    assert list(path.glob("*.safetensors")), f"no safetensors in {path}"
+    assert not (path / "adapter_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.chat_template
+    model = AutoModelForCausalLM.from_pretrained(path)
+    text = tokenizer.apply_chat_template(_user(1), tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+# --- bad datasets: clear errors before any worker starts -------------------------------------
+
+def test_missing_column_names_file_and_column(tmp_path):
+    path = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "a", "rejected": "b"}])
+    with pytest.raises(DatasetError, match=r"pref\.jsonl.*missing \['chosen'\]"):
+        load_training_rows(path, "dpo")
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetError, match=r"empty\.jsonl: empty training set"):
+        load_training_rows(tmp_path / "empty.jsonl", "sft")
+
+
+def test_kto_labels_must_be_boolean(tmp_path):
+    rows = rows_for("kto")
+    rows[2]["label"] = "yes"
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    with pytest.raises(DatasetError, match=r"kto\.jsonl: column 'label' must be boolean.*kto\.jsonl:3: 'yes'"):
+        load_training_rows(path, "kto")
+
+
+def test_bad_rows_are_set_aside_and_all_bad_is_an_error(tmp_path):
+    rows = rows_for("sft") + [{"prompt": 5, "completion": "x"}, {"prompt": _user(1), "completion": [{"role": "assistant"}]}]
+    loaded = load_training_rows(write_jsonl(tmp_path / "sft.jsonl", rows), "sft")
+    assert len(loaded.rows) == 4 and len(loaded.rejected) == 2
+    assert loaded.rejected[0].source.endswith("sft.jsonl:5") and "'prompt'" in loaded.rejected[0].reason
+    with pytest.raises(DatasetError, match=r"no usable rows \(2 rejected; first at .*bad\.jsonl:1"):
+        load_training_rows(write_jsonl(tmp_path / "bad.jsonl", rows[4:]), "sft")
+
+
+def test_parquet_dir_and_bad_data_fails_before_workers(tmp_path, tiny_model):
+    from raypost import records
+
+    records.write_part(tmp_path / "pref", rows_for("dpo"))
+    assert len(load_training_rows(tmp_path / "pref", "orpo").rows) == 4
+    with pytest.raises(DatasetError, match="missing"):
+        # KTO columns absent: fails in validation, without Ray
+        train(small_config("kto"), model=str(tiny_model), dataset=tmp_path / "pref", output_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "ray").exists()
+
+
+# --- each method on Ray Train ----------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["sft", "kto", "dpo", "orpo"])
+def test_method_loss_falls_and_exports(method, tmp_path, tiny_model, ray_local):
+    data = write_jsonl(tmp_path / f"{method}.jsonl", rows_for(method))
+    result = train(small_config(method), model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
+    assert result.steps == 5
+    history = losses(result)
+    assert len(history) == 5 and history[-1] < history[0], history
+    if method != "orpo":  # TRL's ORPO logs no token count
+        assert all(h.get("tokens_per_s", 0) > 0 for h in result.history[1:5])
+    assert_loads(result.model_dir)
+    again = train(small_config(method), model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
+    assert again.skipped and again.steps == 5
+    with pytest.raises(TrainError, match="another config"):
+        train(small_config(method, seed=1), model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_lora_is_merged_into_a_full_checkpoint(tmp_path, tiny_model, ray_local):
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft"))
+    config = small_config("sft", sft={"learning_rate": 2e-3, "max_steps": 3, "per_device_train_batch_size": 4,
+                                      "max_length": 64, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
+    assert_loads(result.model_dir)
+    base = load_file(next(Path(tiny_model).glob("*.safetensors")))
+    merged = load_file(next(Path(result.model_dir).glob("*.safetensors")))
+    assert set(base) == set(merged)  # plain weight names: no lora_A/lora_B left
+    changed = [k for k in base if "q_proj" in k and not (base[k] == merged[k]).all()]
+    assert changed
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_worker_ddp_leaves_identical_weights(tmp_path, tiny_model, ray_local):
+    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft", 8))
+    config = small_config("sft", sft={"max_steps": 3, "per_device_train_batch_size": 2},
+                          scaling={"num_workers": 2})
+    result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
+    assert result.steps == 3
+    assert len(result.peak_rss_mb_per_worker) == 2
+    assert result.ranks_consistent is True
+    assert_loads(result.model_dir)
+
+
+@pytest.mark.slow
+def test_two_worker_deepspeed_zero2_on_cpu(tmp_path, tiny_model, ray_local):
+    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft", 8))
+    config = small_config("sft", sft={"max_steps": 3, "per_device_train_batch_size": 2},
+                          scaling={"num_workers": 2, "deepspeed": "zero2"})
+    result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
+    assert result.steps == 3
+    assert result.ranks_consistent is True
+    history = losses(result)
+    assert history[-1] < history[0], history
+    assert_loads(result.model_dir)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint(tmp_path, tiny_model, ray_local):
+    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft"))
+    marker = tmp_path / "crashed"
+    config = small_config("sft", sft={"max_steps": 6}, checkpointing={"save_steps": 2}, failure={"max_failures": 1})
+    result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "out",
+                   callbacks=[CrashOnceCallback(step=3, marker=str(marker))])
+    assert marker.read_text() == "3"  # the worker really died at step 3
+    assert result.steps == 6
+    # the restarted run resumed at step 2 (its checkpoint) rather than from scratch: trainer
+    # state carries the log of steps 1-2 from the first attempt and 3-6 from the second
+    assert [h["step"] for h in result.history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert_loads(result.model_dir)
+
+
+@pytest.mark.slow
+def test_recipe_two_stage_sft_then_kto(tmp_path, tiny_model, ray_local):
+    import yaml
+
+    from raypost import records
+    from raypost.config import load_recipe
+    from raypost.recipe import run_recipe
+
+    # the curation stage's layout: <stage>/sft and <stage>/kto Parquet dirs
+    records.write_part(tmp_path / "runs" / "curated" / "sft", rows_for("sft"))
+    records.write_part(tmp_path / "runs" / "curated" / "kto", rows_for("kto"))
+    block = {"learning_rate": 2e-3, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64}
+    recipe = {
+        "name": "two-stage", "output_dir": str(tmp_path / "runs"),
+        "models": {"student": str(tiny_model)},
+        "stages": [
+            {"kind": "train", "name": "sft", "method": "sft", "model": "student",
+             "dataset": {"stage": "curated", "split": "sft"}, "sft": block, "tracking": {"backend": "tensorboard"}},
+            {"kind": "train", "name": "kto", "method": "kto", "model": "stage:sft",
+             "dataset": {"stage": "curated", "split": "kto"}, "kto": block},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    summaries = run_recipe(load_recipe(path))
+    assert summaries["sft"]["steps"] == 2 and summaries["kto"]["steps"] == 2
+    assert list((tmp_path / "runs" / "sft" / "tracking").rglob("events.out.tfevents*"))
+    assert_loads(summaries["kto"]["model_dir"])
+    # KTO started from the SFT export, not from the base model
+    assert summaries["kto"]["base_model"] == str((tmp_path / "runs" / "sft" / "model").resolve())
+    again = run_recipe(load_recipe(path))
+    assert again["sft"]["skipped"] and again["kto"]["skipped"]
