@@ -43,7 +43,7 @@ def mutate(**changes):
         target = stage if node == "stage" else data
         path = rest if node == "stage" else [node] + rest
         for part in path[:-1]:
-            target = target[part]
+            target = target.setdefault(part, {})
         target[path[-1]] = value
     return data
 

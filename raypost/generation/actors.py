@@ -27,7 +27,8 @@ def completion_row(row: dict[str, Any], completion: Completion | None, engine: s
     return {
         schema.ID: row[schema.ID],
         schema.MESSAGES: row[schema.MESSAGES],
-        schema.REFERENCE: row.get(schema.REFERENCE),
+        # an all-null column can come back from Ray Data's numpy batches as NaN
+        schema.REFERENCE: row.get(schema.REFERENCE) if isinstance(row.get(schema.REFERENCE), str) else None,
         schema.SAMPLE_INDEX: int(row[schema.SAMPLE_INDEX]),
         schema.RESPONSE: None if completion is None else completion.text,
         schema.PROMPT_TOKENS: None if completion is None else completion.prompt_tokens,

@@ -1,9 +1,9 @@
 """Read HF safetensors checkpoints lazily and write one tensor at a time.
 
-Reading: every shard is opened with `safetensors.safe_open` (memory-mapped), so listing names,
-shapes and dtypes costs nothing and `get` reads one tensor. Writing: the output layout (names,
-shapes, dtypes) is known before any math, so each shard's safetensors header is written first
-and the merged tensors are appended as they are computed; no shard is ever held in memory.
+Reading: every shard is validated and listed with `safetensors.safe_open` (names, shapes,
+dtypes, no data), and `get` reads one tensor. Writing: the output layout is known before any
+math, so each shard's safetensors header is written first and the merged tensors are appended
+as they are computed; no shard is ever held in memory.
 """
 
 from __future__ import annotations

@@ -242,11 +242,11 @@ def read_marker(output_dir: str | Path) -> dict | None:
 
 
 def _merge_tensor(method, name, base, inputs, weights, *, t, density, normalize, rescale, seed, rule) -> torch.Tensor:
-    tensors = [checkpoint.get(name) for checkpoint in inputs]
     if method == "linear":
-        return methods.linear(tensors, weights, normalize)
+        return methods.linear((checkpoint.get(name) for checkpoint in inputs), weights, normalize)
     if method == "slerp":
-        return methods.slerp(t, base.get(name), tensors[0])
+        return methods.slerp(t, base.get(name), inputs[0].get(name))
+    tensors = (checkpoint.get(name) for checkpoint in inputs)
     generator = None
     if rule.sparsification == "random":
         generator = torch.Generator().manual_seed(tensor_seed(seed, name))
