@@ -15,6 +15,7 @@ import sys
 
 from raypost.config import RecipeError, load_recipe
 from raypost.models.resolve import ModelError
+from raypost.errors import StageError
 from raypost.records import DataError
 
 # Stage kinds that get a `raypost KIND RECIPE` command running only those stages.
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ModelError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except StageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished batches are kept; rerun to resume", file=sys.stderr)
         return 130

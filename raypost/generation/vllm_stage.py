@@ -7,6 +7,7 @@ placement bundle; on GPUs, GPUs per actor and tensor parallelism come from the r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from raypost.engines.vllm_engine import vllm_engine_kwargs
 
 # Top-k kept when only first-token entropy is asked: the estimate needs some tail mass.
 ENTROPY_TOP_K = 20
+LIGHT_STAGE_CPUS = 0.25
 
 
 def vllm_sampling_params(sampling: SamplingConfig, sample_index: int) -> dict[str, Any]:
@@ -47,14 +49,23 @@ def processor_config(model_path: Path, engine: EngineConfig, resources: Resource
     else:
         # Without GPUs, Ray's default bundle asks for a GPU and never schedules: CPU only.
         placement = {"bundles": [{"CPU": resources.cpus_per_actor}] * resources.tensor_parallel_size}
+    # vLLM reads its knobs (e.g. VLLM_CPU_KVCACHE_SPACE) from the environment of the engine
+    # actor, which is the raylet's, not the driver's: pass the driver's VLLM_* settings along.
+    vllm_env = {key: value for key, value in os.environ.items() if key.startswith("VLLM_")}
     return vLLMEngineProcessorConfig(
         model_source=str(model_path),
+        runtime_env={"env_vars": vllm_env} if vllm_env else None,
         engine_kwargs=kwargs,
         concurrency=resources.concurrency,
         batch_size=engine.batch_size,
         placement_group_config=placement,
         should_continue_on_error=True,
         log_engine_metrics=False,
+        # Ray's chat-template/tokenize/detokenize actors reserve a whole CPU each by default; with
+        # the engine's bundle that deadlocks a 2-CPU node. They are light: give them a slice.
+        chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        tokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        detokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
     )
 
 
@@ -119,6 +130,8 @@ def vllm_generation_stage(dataset, model_path: Path, model_label: str, engine: E
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         return _to_record(row, sampling, model_label)
 
+    light = {"num_cpus": LIGHT_STAGE_CPUS}
     processor = build_processor(processor_config(model_path, engine, resources),
-                                preprocess=preprocess, postprocess=postprocess)
+                                preprocess=preprocess, postprocess=postprocess,
+                                preprocess_map_kwargs=light, postprocess_map_kwargs=light)
     return processor(dataset)

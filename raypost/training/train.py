@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raypost import records
+from raypost.errors import StageError
 from raypost.training.config import TrainConfig
 from raypost.training.data import load_training_rows
 from raypost.training.worker import EXPORT_MARKER, LOG_HISTORY, train_loop_per_worker
@@ -27,7 +28,7 @@ RESULT_FILE = "train_result.json"
 RUN_NAME = "train"
 
 
-class TrainError(RuntimeError):
+class TrainError(StageError):
     """A training run that cannot start or did not finish."""
 
 
