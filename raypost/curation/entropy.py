@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
-from raypost.curation.rows import CurationLog, batch_rows, collect, column_names, natural_key, question_text, rows_table
+from raypost.curation.rows import CurationLog, attach_decisions, batch_rows, collect, column_names, natural_key, question_text, rows_table
 
 DEFAULT_ANSWER_PROMPT = "{question}\n\nAnswer with the final answer only, no explanation."
 SCORE_COLUMNS = {
@@ -300,17 +300,7 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
             "target_source": source,
         }
 
-    def keep(batch: pa.Table) -> pa.Table:
-        rows = []
-        for row in batch.to_pylist():
-            d = decision.get(str(row[schema.ID]))
-            if d is None or row.get(schema.SAMPLE_INDEX) != d["sample"]:
-                continue
-            row.update({k: v for k, v in d.items() if k != "sample"})
-            rows.append(row)
-        return rows_table(rows, batch.schema, ROUTE_COLUMNS)
-
-    routed = dataset.map_batches(keep, batch_format="pyarrow").materialize()
+    routed = attach_decisions(dataset, decision, ROUTE_COLUMNS)
 
     # what routing saved: chain-of-thought the easy and medium prompts did not need
     easy_medium = [i for i in ids if difficulty[i] != "hard"]

@@ -104,6 +104,26 @@ def rows_table(rows: list[dict[str, Any]], base: pa.Schema | None = None, extra:
     return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
+def attach_decisions(dataset, decision: dict[str, dict[str, Any]], columns: dict[str, pa.DataType]):
+    """Keep, per id, the sample a decision names and add the decision's columns to it.
+
+    `decision` maps id -> {"sample": sample_index, column: value, ...}; rows of other ids or
+    other samples are dropped (the caller has already logged why).
+    """
+
+    def keep(batch: pa.Table) -> pa.Table:
+        rows = []
+        for row in batch.to_pylist():
+            chosen = decision.get(str(row[schema.ID]))
+            if chosen is None or row.get(schema.SAMPLE_INDEX) != chosen["sample"]:
+                continue
+            row.update({k: v for k, v in chosen.items() if k != "sample"})
+            rows.append(row)
+        return rows_table(rows, batch.schema, columns)
+
+    return dataset.map_batches(keep, batch_format="pyarrow").materialize()
+
+
 def dataset_from_rows(rows: list[dict[str, Any]]):
     """Rows in the generation schema (or a subset) as a Ray Dataset with the schema's types."""
     import ray

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
-from raypost.curation.rows import CurationLog, collect, column_names, natural_key, question_text, rows_table
+from raypost.curation.rows import CurationLog, attach_decisions, collect, column_names, natural_key, question_text, rows_table
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 JUDGE_PROMPT = (
@@ -249,17 +249,7 @@ def select_responses(dataset, *, candidates: list[CandidateSource], scorer: Lite
             "sample": by_id[i][0].get(schema.SAMPLE_INDEX),
         }
 
-    def keep(batch: pa.Table) -> pa.Table:
-        rows = []
-        for row in batch.to_pylist():
-            d = decision.get(str(row[schema.ID]))
-            if d is None or row.get(schema.SAMPLE_INDEX) != d["sample"]:
-                continue
-            row.update({k: v for k, v in d.items() if k != "sample"})
-            rows.append(row)
-        return rows_table(rows, batch.schema, SELECT_COLUMNS)
-
-    selected = dataset.map_batches(keep, batch_format="pyarrow").materialize()
+    selected = attach_decisions(dataset, decision, SELECT_COLUMNS)
     best_sources: dict[str, int] = {}
     for d in decision.values():
         key = d["best_source"].split("#")[0]

@@ -55,12 +55,7 @@ class TransformersEngine:
             output_logits=want_scores,
             return_dict_in_generate=True,
         )
-        if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if sampling.stop:
-            kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        kwargs.update(self.sampling_kwargs(sampling))
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         with torch.inference_mode():
@@ -92,6 +87,16 @@ class TransformersEngine:
                 samples.append(completion)
             results.append(samples)
         return results
+
+    def sampling_kwargs(self, sampling: SamplingConfig) -> dict:
+        """`generate` arguments for a sampling config: greedy at temperature 0, stop strings."""
+        if sampling.temperature > 0:
+            kwargs = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        return kwargs
 
     def _eos_ids(self) -> set[int]:
         ids = self.hf_model.generation_config.eos_token_id

@@ -8,6 +8,7 @@ closed-loop controller, and the benchmark's bare-engine baseline.
 from __future__ import annotations
 
 import gc
+import os
 from typing import Any, Sequence
 
 from raypost.config import EngineConfig, SamplingConfig
@@ -19,6 +20,19 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+# vLLM on CPUs sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); unset, it claims ~92% of
+# the node's memory and refuses to start when anything else already uses some. A small
+# explicit cache suits small models; the user's own VLLM_* settings win.
+CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def vllm_env(on_gpu: bool) -> dict[str, str]:
+    """VLLM_* environment for an engine process: defaults for CPUs, then the caller's settings."""
+    env = {} if on_gpu else dict(CPU_DEFAULT_ENV)
+    env.update({key: value for key, value in os.environ.items() if key.startswith("VLLM_")})
+    return env
 
 
 def vllm_engine_kwargs(config: EngineConfig, tensor_parallel_size: int = 1) -> dict[str, Any]:
@@ -72,6 +86,10 @@ class VLLMEngine:
     backend = "vllm"
 
     def __init__(self, model_path: str, config: EngineConfig, model_name: str | None = None, tensor_parallel_size: int = 1):
+        import torch
+
+        for key, value in vllm_env(on_gpu=torch.cuda.is_available()).items():
+            os.environ.setdefault(key, value)
         from vllm import LLM
 
         self.model = model_name or str(model_path)

@@ -21,6 +21,9 @@ from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.engines import pick_backend
 
 
+MIN_STEADY_SECONDS = 1.0
+
+
 @dataclass
 class GenerationSummary:
     output_dir: str
@@ -33,7 +36,10 @@ class GenerationSummary:
     completion_tokens: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0   # until the first batch came back: engine load, warm-up
-    tokens_per_second: float = 0.0  # completion tokens / seconds after start-up
+    tokens_per_second: float = 0.0  # completion tokens / whole wall time, start-up included
+    # completion tokens after the first batch / time after it: the engine's steady rate. None
+    # when the batches came back too close together to time (e.g. all in flight at once).
+    steady_tokens_per_second: float | None = None
     engine: str = ""
     model: str = ""
     reject_reasons: dict[str, int] = field(default_factory=dict)
@@ -45,7 +51,9 @@ class GenerationSummary:
         return (
             f"generate: {self.rows_written} rows done ({self.rows_skipped} already there, "
             f"{self.rows_total} in output), {self.rows_rejected} rejected, "
-            f"{self.tokens_per_second:.1f} tok/s after {self.startup_seconds:.1f}s start-up "
+            f"{self.tokens_per_second:.1f} tok/s overall"
+            + (f", {self.steady_tokens_per_second:.1f} tok/s steady" if self.steady_tokens_per_second else "")
+            + f", first batch after {self.startup_seconds:.1f}s "
             f"[{self.engine}] -> {self.output_dir}"
         )
 
@@ -143,6 +151,11 @@ def generate(
         ensure_ray()
         import ray
 
+        if backend == "vllm":
+            from raypost.engines.chat import render_prompt
+
+            for row in todo:
+                row["prompt"] = render_prompt(tokenizer, row[schema.MESSAGES])
         dataset = ray.data.from_items(todo)
         if backend == "vllm":
             from raypost.generation.vllm_stage import vllm_generation_stage
@@ -209,14 +222,13 @@ def _drain(generated, output_dir: Path, rejected_dir: Path, total: int, summary:
                 summary.startup_seconds = now - started
             else:
                 tokens_after_first += completion_tokens
-                summary.tokens_per_second = tokens_after_first / max(now - first_batch_at, 1e-9)
+                if now - first_batch_at >= MIN_STEADY_SECONDS:
+                    summary.steady_tokens_per_second = tokens_after_first / (now - first_batch_at)
+            summary.tokens_per_second = summary.completion_tokens / max(now - started, 1e-9)
             bar.update(len(rows))
             bar.set_postfix(tok_s=f"{summary.tokens_per_second:.0f}")
     finally:
         bar.close()
-    if summary.tokens_per_second == 0.0 and summary.seconds == 0.0 and first_batch_at is not None:
-        # one batch only: report its rate including start-up rather than nothing
-        summary.tokens_per_second = summary.completion_tokens / max(time.perf_counter() - started, 1e-9)
 
 
 def _record_rejected(rejected_dir: Path, rows: list[records.Rejected], summary: GenerationSummary) -> None:

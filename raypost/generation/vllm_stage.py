@@ -7,14 +7,13 @@ placement bundle; on GPUs, GPUs per actor and tensor parallelism come from the r
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.engines.base import entropy_from_top_logprobs
-from raypost.engines.vllm_engine import vllm_engine_kwargs
+from raypost.engines.vllm_engine import vllm_engine_kwargs, vllm_env
 
 # Top-k kept when only first-token entropy is asked: the estimate needs some tail mass.
 ENTROPY_TOP_K = 20
@@ -51,21 +50,23 @@ def processor_config(model_path: Path, engine: EngineConfig, resources: Resource
         placement = {"bundles": [{"CPU": resources.cpus_per_actor}] * resources.tensor_parallel_size}
     # vLLM reads its knobs (e.g. VLLM_CPU_KVCACHE_SPACE) from the environment of the engine
     # actor, which is the raylet's, not the driver's: pass the driver's VLLM_* settings along.
-    vllm_env = {key: value for key, value in os.environ.items() if key.startswith("VLLM_")}
+    env = vllm_env(on_gpu=resources.gpus_per_actor > 0)
     return vLLMEngineProcessorConfig(
         model_source=str(model_path),
-        runtime_env={"env_vars": vllm_env} if vllm_env else None,
+        runtime_env={"env_vars": env} if env else None,
         engine_kwargs=kwargs,
         concurrency=resources.concurrency,
         batch_size=engine.batch_size,
         placement_group_config=placement,
         should_continue_on_error=True,
         log_engine_metrics=False,
-        # Ray's chat-template/tokenize/detokenize actors reserve a whole CPU each by default; with
-        # the engine's bundle that deadlocks a 2-CPU node. They are light: give them a slice.
-        chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS},
-        tokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
-        detokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        # The driver already rendered each prompt with the model's chat template (the same
+        # render_prompt every engine uses), and vLLM tokenizes and detokenizes itself: Ray's
+        # separate template/tokenize/detokenize actors would only add processes (and, at one
+        # CPU each by default, deadlock a 2-CPU node next to the engine's bundle).
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
     )
 
 
@@ -118,7 +119,7 @@ def _items(step: Any):
 
 def vllm_generation_stage(dataset, model_path: Path, model_label: str, engine: EngineConfig,
                           sampling: SamplingConfig, resources: Resources):
-    """Rows with id/messages/reference/sample_index in, generation-schema rows (+ error) out."""
+    """Rows with id/messages/prompt/reference/sample_index in, generation-schema rows (+ error) out."""
     from ray.data.llm import build_processor
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +127,8 @@ def vllm_generation_stage(dataset, model_path: Path, model_label: str, engine: E
             **row,
             "sampling_params": vllm_sampling_params(sampling, int(row[schema.SAMPLE_INDEX])),
         }
+
+    # rows carry `prompt`, rendered by the driver with the model's chat template
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         return _to_record(row, sampling, model_label)

@@ -126,12 +126,7 @@ class TransformersModelServer:
             stopping_criteria=StoppingCriteriaList([Cancelled()]),
             streamer=streamer,
         )
-        if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if sampling.stop:
-            kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        kwargs.update(engine.sampling_kwargs(sampling))
         with self._lock, torch.inference_mode():
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
