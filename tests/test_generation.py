@@ -125,20 +125,39 @@ def test_interrupted_run_resumes_and_every_id_lands_exactly_once(tiny_model, tmp
     assert f"WRITTEN {40 - done_before} SKIPPED {done_before}" in result.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_vllm_cpu_engine_through_ray_data_llm(tiny_model, tmp_path, ray_local, monkeypatch):
-    pytest.importorskip("vllm")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    out = tmp_path / "gen"
+VLLM_SCRIPT = """
+import json, sys
+from raypost import records
+from raypost.config import EngineConfig, Resources, SamplingConfig
+from raypost.generation.pipeline import generate
+if __name__ == "__main__":
+    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], "reference": str(2 * i)}
+            for i in range(6)]
     summary = generate(
-        prompt_rows(6), model=str(tiny_model), output_dir=out,
+        rows, model=sys.argv[1], output_dir=sys.argv[2],
         engine=EngineConfig(backend="vllm", max_model_len=512, batch_size=4, vllm_kwargs={"enforce_eager": True}),
         sampling=SamplingConfig(max_tokens=6, n=2, temperature=0.7, logprobs=2, first_token_entropy=True),
         resources=Resources(concurrency=1, cpus_per_actor=1), progress=False,
     )
+    print("SUMMARY", json.dumps(summary.as_dict()), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_cpu_engine_through_ray_data_llm(tiny_model, tmp_path):
+    """As a user runs it: a fresh process with its own local Ray (vLLM actors, ray.data.llm)."""
+    pytest.importorskip("vllm")
+    script = tmp_path / "gen_vllm.py"
+    script.write_text(VLLM_SCRIPT)
+    out = tmp_path / "gen"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(out)], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
     rows = records.read_rows(out)
-    assert summary.engine == "vllm" and summary.rows_rejected == 0
+    assert summary["engine"] == "vllm" and summary["rows_rejected"] == 0
     assert sorted((r["id"], r["sample_index"]) for r in rows) == sorted((f"q{i}", k) for i in range(6) for k in (0, 1))
     assert all(r["engine"] == "vllm" and 0 < r["completion_tokens"] <= 6 for r in rows)
     assert all(r["prompt_tokens"] > 5 and len(r["logprobs"]) == r["completion_tokens"] for r in rows)

@@ -15,10 +15,8 @@ from ray import serve
 
 from raypost.serving.config import ServeConfig, ServedModel, parse_serve_config
 
-# Passed on to vLLM replicas so a CPU deployment keeps the memory settings it was started with.
 # The HTTP ingress only parses and forwards: it must not take a CPU a model replica needs.
 _INGRESS_OPTIONS = {"ray_actor_options": {"num_cpus": 0}}
-_VLLM_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_TARGET_DEVICE")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -78,12 +76,13 @@ def llm_configs(config: ServeConfig) -> list[Any]:
     from ray.serve.llm import LLMConfig
 
     from raypost.config import EngineConfig
-    from raypost.engines.vllm_engine import vllm_engine_kwargs
+    from raypost.engines.vllm_engine import vllm_engine_kwargs, vllm_env
     from raypost.models import resolve_model
 
-    env = {k: os.environ[k] for k in _VLLM_ENV if k in os.environ}
     result = []
     for model in config.models:
+        # the replica's environment is the raylet's: pass the KV-cache default and the caller's VLLM_*
+        env = vllm_env(on_gpu=bool(model.gpus_per_replica))
         source = str(resolve_model(model.model, config.cache_dir))
         engine = EngineConfig(backend="vllm", max_model_len=model.max_model_len, dtype=model.dtype, vllm_kwargs=model.vllm_kwargs)
         engine_kwargs = vllm_engine_kwargs(engine, int(model.vllm_kwargs.get("tensor_parallel_size", 1)))
