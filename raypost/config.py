@@ -196,3 +196,13 @@ def resolve_data_path(value: str, base: Path | None) -> Path:
         return p
     beside = base.parent / p
     return beside if beside.exists() else p
+
+
+def existing_data_path(value: str | None, info) -> str | None:
+    """Field validator body for data paths: resolved as above, and it must exist."""
+    if value is None:
+        return value
+    resolved = resolve_data_path(value, (info.context or {}).get("recipe_path"))
+    if not resolved.exists():
+        raise ValueError(f"path does not exist: {value}")
+    return str(resolved)

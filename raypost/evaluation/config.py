@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel, resolve_data_path
+from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel, existing_data_path
 
 BenchmarkName = Literal["gsm8k", "mbpp", "humaneval", "mmlu_math"]
 
@@ -39,12 +39,7 @@ class BenchmarkSpec(StrictModel):
     @field_validator("data_path", "shots_path")
     @classmethod
     def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return value
-        resolved = resolve_data_path(value, (info.context or {}).get("recipe_path"))
-        if not resolved.exists():
-            raise ValueError(f"path does not exist: {value}")
-        return str(resolved)
+        return existing_data_path(value, info)
 
 
 class EvalStage(StrictModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel, resolve_data_path
+from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel, existing_data_path
 
 
 class InputConfig(StrictModel):
@@ -29,13 +29,7 @@ class InputConfig(StrictModel):
     @field_validator("path")
     @classmethod
     def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return value
-        base = (info.context or {}).get("recipe_path")
-        resolved = resolve_data_path(value, base)
-        if not resolved.exists():
-            raise ValueError(f"path does not exist: {value}")
-        return str(resolved)
+        return existing_data_path(value, info)
 
 
 class GenerateStage(StrictModel):
