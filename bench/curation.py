@@ -10,7 +10,7 @@ Measures, on a local Ray:
 - the ROC AUC of that entropy as a predictor of the student's answer-only output being wrong,
   on a GSM8K slice (arXiv 2506.21220 reports 0.73 for its models and data), with a bootstrap
   95% interval. With `--shots K` the answer-only prompt shows K solved questions, answers only
-  (taken from the end of GSM8K train, away from the slice): a 135M model asked for "the final
+  (the shortest of the last 50 GSM8K train items, away from the slice): a 135M model asked for "the final
   answer only" rarely starts with a number, so its first token says little about the answer.
 
 Prints one JSON object as the last line.
@@ -97,7 +97,7 @@ def few_shot_answer_prompt(shots: int) -> str:
 
     if shots == 0:
         return DEFAULT_ANSWER_PROMPT
-    examples = load_gsm8k()[-shots:]
+    examples = sorted(load_gsm8k()[-50:], key=lambda e: len(e["question"]))[:shots]  # short ones: prefill is the cost
     blocks = [f"Question: {e['question']}\nAnswer: {reference_answer(e['answer'])}" for e in examples]
     text = "\n\n".join(blocks).replace("{", "{{").replace("}", "}}")
     return "Answer each question with the final number only.\n\n" + text + "\n\nQuestion: {question}\nAnswer:"
@@ -116,7 +116,7 @@ def bootstrap_auc(entropies: list[float], wrong: list[bool], rounds: int = 1000,
     return [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)] if values else None
 
 
-def entropy_bench(model: str, n: int, shots: int) -> dict:
+def entropy_bench(model: str, n: int, shots: int, scoring_rows: int) -> dict:
     import ray
 
     from raypost.config import EngineConfig
@@ -135,7 +135,8 @@ def entropy_bench(model: str, n: int, shots: int) -> dict:
     collect(score_entropy(units, model=path, engine=engine, max_tokens=1,
                           answer_prompt=answer_prompt))  # warm: actor start-up and model load
     started = time.perf_counter()
-    scored = collect(score_entropy(dataset_from_rows([{k: r[k] for k in ("id", "messages")} for r in rows]),
+    scored = collect(score_entropy(dataset_from_rows([{k: r[k] for k in ("id", "messages")}
+                                                      for r in rows[:scoring_rows]]),
                                    model=path, engine=engine, max_tokens=1, answer_prompt=answer_prompt))
     scoring_seconds = time.perf_counter() - started
     # routing with the student's answer (16 tokens) checked against the reference, for the AUC
@@ -166,9 +167,10 @@ def entropy_bench(model: str, n: int, shots: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--entropy-rows", type=int, default=500)
+    parser.add_argument("--entropy-rows", type=int, default=200)
     parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
-    parser.add_argument("--shots", type=int, default=4, help="solved examples in the answer-only prompt")
+    parser.add_argument("--shots", type=int, default=2, help="solved examples in the answer-only prompt")
+    parser.add_argument("--scoring-rows", type=int, default=64, help="rows of the scoring-only speed pass")
     parser.add_argument("--skip-entropy", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -198,7 +200,7 @@ def main() -> int:
     }
     result["near_dup_subquadratic"] = result["near_dup_time_ratio_20k_vs_10k"] <= 2.5
     if not args.skip_entropy:
-        result.update(entropy_bench(args.model, args.entropy_rows, args.shots))
+        result.update(entropy_bench(args.model, args.entropy_rows, args.shots, args.scoring_rows))
     print(json.dumps(result), flush=True)
     return 0
 
