@@ -151,15 +151,15 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from raypost.engines.shm_cleanup import remove_orphaned_segments
+    from raypost.engines.shm_cleanup import removing_orphaned_segments
 
-    bench_started_at = time.time() - 1.0
-    bare = bare_engine("vllm", args.model, rows, sampling, engine_config)
-    ensure_ray()
-    pipeline = steady_rate(lambda part: raypost_pipeline(args.model, part, sampling, engine_config, resources),
-                           rows, args.small_prompts)
-    direct = steady_rate(lambda part: ray_data_llm_direct(args.model, part, sampling, engine_config, resources),
-                         rows, args.small_prompts)
+    with removing_orphaned_segments(wait_seconds=15.0):  # what the direct ray.data.llm runs leave
+        bare = bare_engine("vllm", args.model, rows, sampling, engine_config)
+        ensure_ray()
+        pipeline = steady_rate(lambda part: raypost_pipeline(args.model, part, sampling, engine_config, resources),
+                               rows, args.small_prompts)
+        direct = steady_rate(lambda part: ray_data_llm_direct(args.model, part, sampling, engine_config, resources),
+                             rows, args.small_prompts)
     result.update(
         raypost_tok_s=round(pipeline["tok_s"], 1),
         bare_engine_tok_s=round(bare["tok_s"], 1),
@@ -174,7 +174,6 @@ def main() -> None:
         completion_tokens={"raypost": pipeline["tokens"], "bare_engine": bare["tokens"],
                            "ray_data_llm": direct["tokens"]},
     )
-    remove_orphaned_segments(bench_started_at, wait_seconds=15.0)  # what the direct ray.data.llm runs leave
     print(json.dumps(result))
 
 

@@ -43,10 +43,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_shared_memory():
     """vLLM engines started by tests must not leave /dev/shm segments behind (CI machines are shared)."""
-    import time
+    from raypost.engines.shm_cleanup import removing_orphaned_segments
 
-    from raypost.engines.shm_cleanup import remove_orphaned_segments
-
-    started_at = time.time() - 1.0
-    yield
-    remove_orphaned_segments(started_at, wait_seconds=10.0)
+    with removing_orphaned_segments(wait_seconds=10.0):
+        yield

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raypost.engines.shm_cleanup import SHM_DIR, remove_orphaned_segments
+from raypost.engines.shm_cleanup import SHM_DIR, remove_orphaned_segments, removing_orphaned_segments
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm")
 
@@ -70,3 +70,12 @@ def test_waits_for_a_process_that_is_exiting():
         holder.kill()
         holder.wait()
         (SHM_DIR / name).unlink(missing_ok=True)
+
+
+def test_a_block_that_starts_and_kills_an_engine_leaves_no_segment():
+    with removing_orphaned_segments(wait_seconds=5.0):
+        holder, name = start_holder()
+        holder.kill()
+        holder.wait()
+        assert (SHM_DIR / name).exists()
+    assert not (SHM_DIR / name).exists()

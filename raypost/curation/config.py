@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel
 
+# The answer-only prompt of arXiv 2506.21220, for the student's first-token entropy.
+DEFAULT_ANSWER_PROMPT = "{question}\n\nAnswer with the final answer only, no explanation."
+
 
 class DedupStep(StrictModel):
     step: Literal["dedup"]
@@ -57,7 +60,7 @@ class EntropyRouteStep(StrictModel):
     model: str = Field("student", description="the student whose entropy ranks difficulty")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(backend="transformers"),
                                  description="always run with the transformers backend: exact full-vocabulary entropy")
-    answer_prompt: str = "{question}\n\nAnswer with the final answer only, no explanation."
+    answer_prompt: str = DEFAULT_ANSWER_PROMPT
     answer_max_tokens: int = Field(16, ge=1, description="tokens of the student's answer kept to check it")
     low_quantile: float = Field(0.25, ge=0, le=1)
     high_quantile: float = Field(0.75, ge=0, le=1)

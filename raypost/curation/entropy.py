@@ -23,9 +23,9 @@ import pyarrow as pa
 
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
+from raypost.curation.config import DEFAULT_ANSWER_PROMPT
 from raypost.curation.rows import CurationLog, attach_decisions, batch_rows, collect, column_names, natural_key, question_text, rows_table
 
-DEFAULT_ANSWER_PROMPT = "{question}\n\nAnswer with the final answer only, no explanation."
 SCORE_COLUMNS = {
     "entropy": pa.float64(),
     "entropy_normalized": pa.float64(),

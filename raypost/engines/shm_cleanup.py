@@ -12,12 +12,29 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "psm_"
+
+
+def segment_clock() -> float:
+    """Now, as a `since` for segments made from here on (tmpfs mtimes are coarser than time.time())."""
+    return time.time() - 1.0
+
+
+@contextmanager
+def removing_orphaned_segments(wait_seconds: float) -> Iterator[None]:
+    """Around work that starts vLLM processes: afterwards, remove the segments they left."""
+    since = segment_clock()
+    try:
+        yield
+    finally:
+        remove_orphaned_segments(since, wait_seconds=wait_seconds)
 
 
 def segments_in_use() -> set[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from typing import Any, Sequence
 
 from raypost.config import EngineConfig, SamplingConfig
@@ -97,7 +96,9 @@ class VLLMEngine:
         from vllm import LLM
 
         self.model = model_name or str(model_path)
-        self.started_at = time.time() - 1.0  # segment mtimes have coarse resolution
+        from raypost.engines.shm_cleanup import segment_clock
+
+        self.started_at = segment_clock()
         self.llm = LLM(model=str(model_path), **vllm_engine_kwargs(config, tensor_parallel_size))
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -158,17 +158,13 @@ def generate(
                 row["prompt"] = render_prompt(tokenizer, row[schema.MESSAGES])
         dataset = ray.data.from_items(todo)
         if backend == "vllm":
-            from raypost.engines.shm_cleanup import remove_orphaned_segments
+            from raypost.engines.shm_cleanup import removing_orphaned_segments
             from raypost.generation.vllm_stage import vllm_generation_stage
 
-            stage_started_at = time.time() - 1.0
-            generated = vllm_generation_stage(dataset, model_path, model, engine, sampling, resources)
-            try:
+            # Ray kills the engine actors; their vLLM message-queue segments would stay in /dev/shm.
+            with removing_orphaned_segments(wait_seconds=15.0):
+                generated = vllm_generation_stage(dataset, model_path, model, engine, sampling, resources)
                 _drain(generated, output_dir, rejected_dir, len(todo), summary, source, progress, started)
-            finally:
-                # Ray kills the engine actors; their vLLM message-queue segments would stay in /dev/shm.
-                del generated
-                remove_orphaned_segments(stage_started_at, wait_seconds=15.0)
         else:
             generated = _engine_actor_stage(dataset, model if model_path is None else str(model_path), model,
                                             engine, sampling, resources, cache_dir)

@@ -9,7 +9,6 @@ config file instead (for `serve run FILE`, `serve deploy FILE`, or a RayService)
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +149,14 @@ def run_serve_command(args: argparse.Namespace) -> int:
     app = build_serve_config(config)["applications"][0]
     names = ", ".join(name for m in config.models for name in m.names())
     print(f"serving {names} at http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/v1 (Ctrl-C to stop)")
-    started_at = time.time() - 1.0
-    try:
-        serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        from raypost.engines.shm_cleanup import remove_orphaned_segments
+    from raypost.engines.shm_cleanup import removing_orphaned_segments
 
-        serve.shutdown()
-        # vLLM replicas are killed, not closed: their message-queue segments would stay in /dev/shm.
-        remove_orphaned_segments(started_at, wait_seconds=10.0)
+    # vLLM replicas are killed, not closed: their message-queue segments would stay in /dev/shm.
+    with removing_orphaned_segments(wait_seconds=10.0):
+        try:
+            serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=True)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
     return 0
