@@ -4,8 +4,11 @@
 
 Loopback only. The same GSM8K prompts go (1) through the Serve deployment by `--clients`
 concurrent clients and (2) through the bare engine in this process (vLLM `LLM.generate` for the
-vllm backend, `TransformersEngine.generate` in batches of `--clients` otherwise). Then one-token
-replies, one at a time, measure the latency Serve adds over the engine. Last line: one JSON object.
+vllm backend, `TransformersEngine.generate` in batches of `--clients` otherwise). The bare engine
+runs at the clients' concurrency (vLLM `max_num_seqs=--clients`): `serve_vs_bare_tok_s` is what
+Serve costs at equal batching. vLLM is also run unconstrained (all prompts batched at once) and
+reported as `serve_vs_bare_unconstrained_tok_s`. Then one-token replies, one at a time, measure
+the latency Serve adds over the engine. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -86,6 +89,32 @@ def one_token_latencies_http(url: str, model: str, prompts: list, repeats: int) 
     return result
 
 
+def bare_engine(model: str, args, vllm_kwargs: dict, prompts: list, one_token: bool) -> dict:
+    """The same prompts through the engine in this process: steady tok/s after a warm-up, and
+    one-token reply latencies."""
+    from raypost.config import EngineConfig, SamplingConfig
+    from raypost.engines import Request, build_engine
+
+    engine = build_engine(model, EngineConfig(backend=args.backend, max_model_len=1024, batch_size=args.clients,
+                                              vllm_kwargs=vllm_kwargs))
+    try:
+        requests = [Request(id=str(i), messages=m) for i, m in enumerate(prompts)]
+        sampling = SamplingConfig(temperature=0.0, max_tokens=args.max_tokens, seed=None)
+        engine.generate(requests[: args.clients], sampling)  # warm-up
+        start = time.perf_counter()
+        outputs = engine.generate(requests, sampling)
+        tok_s = sum(o[0].completion_tokens for o in outputs) / (time.perf_counter() - start)
+        latencies = []
+        one = SamplingConfig(temperature=0.0, max_tokens=1, seed=None)
+        for i in range(args.latency_repeats if one_token else 0):
+            start = time.perf_counter()
+            engine.generate([requests[i % len(requests)]], one)
+            latencies.append(time.perf_counter() - start)
+    finally:
+        engine.close()
+    return {"tok_s": tok_s, "one_token": latencies}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="packaged:smollm2-135m-instruct", help="model reference, or `tiny`")
@@ -101,8 +130,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from raypost.config import EngineConfig, SamplingConfig
-    from raypost.engines import Request, build_engine
+    from raypost.engines.shm_cleanup import removing_orphaned_segments
     from raypost.serving.app import build_app
     from raypost.serving.config import ServeConfig
 
@@ -123,35 +151,28 @@ def main() -> int:
     config = ServeConfig(models=[{"name": "bench", "model": model, "backend": args.backend, "cpus_per_replica": args.cpus,
                                   "max_batch_size": args.clients, "max_model_len": 1024,
                                   "replicas": {"max_ongoing_requests": max(64, args.clients * 2)}}])
-    started = time.perf_counter()
-    serve.run(build_app(config.model_dump()), name="bench", route_prefix="/")
-    startup_s = time.perf_counter() - started
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    asyncio.run(run_clients(url, "bench", prompts[: args.clients], args.clients, args.max_tokens))  # warm-up
-    served = asyncio.run(run_clients(url, "bench", prompts, args.clients, args.max_tokens))
-    serve_one_token = one_token_latencies_http(url, "bench", prompts, args.latency_repeats)
-    serve.shutdown()
-    ray.shutdown()
+    # vLLM replicas are killed, not closed: their message-queue segments would stay in /dev/shm
+    with removing_orphaned_segments(wait_seconds=15.0):
+        started = time.perf_counter()
+        serve.run(build_app(config.model_dump()), name="bench", route_prefix="/")
+        startup_s = time.perf_counter() - started
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        asyncio.run(run_clients(url, "bench", prompts[: args.clients], args.clients, args.max_tokens))  # warm-up
+        served = asyncio.run(run_clients(url, "bench", prompts, args.clients, args.max_tokens))
+        serve_one_token = one_token_latencies_http(url, "bench", prompts, args.latency_repeats)
+        serve.shutdown()
+        ray.shutdown()
 
     # -- the bare engine, same prompts ---------------------------------------------------
-    engine = build_engine(model, EngineConfig(backend=args.backend, max_model_len=1024, batch_size=args.clients))
-    requests = [Request(id=str(i), messages=m) for i, m in enumerate(prompts)]
-    sampling = SamplingConfig(temperature=0.0, max_tokens=args.max_tokens, seed=None)
-    engine.generate(requests[: args.clients], sampling)  # warm-up
-    start = time.perf_counter()
-    outputs = engine.generate(requests, sampling)
-    bare_wall = time.perf_counter() - start
-    bare_tokens = sum(o[0].completion_tokens for o in outputs)
-    one = SamplingConfig(temperature=0.0, max_tokens=1, seed=None)
-    bare_one_token = []
-    for i in range(args.latency_repeats):
-        start = time.perf_counter()
-        engine.generate([requests[i % len(requests)]], one)
-        bare_one_token.append(time.perf_counter() - start)
-    engine.close()
+    # At the clients' concurrency (vLLM: max_num_seqs=clients), which is what Serve can batch
+    # with that many clients; and unconstrained (all prompts in one call) for reference.
+    same_concurrency = bare_engine(model, args, {"max_num_seqs": args.clients} if args.backend == "vllm" else {},
+                                   prompts, one_token=True)
+    unconstrained = bare_engine(model, args, {}, prompts, one_token=False) if args.backend == "vllm" else same_concurrency
+    bare_tok_s = same_concurrency["tok_s"]
+    bare_one_token = same_concurrency["one_token"]
 
     serve_tok_s = served["tokens"] / served["wall"]
-    bare_tok_s = bare_tokens / bare_wall
     result = {
         "bench": "serve",
         "model": args.model,
@@ -168,10 +189,14 @@ def main() -> int:
         "errors": served["errors"],
         "bare_tokens_per_s": round(bare_tok_s, 2),
         "serve_vs_bare_tok_s": round(serve_tok_s / bare_tok_s, 3),
+        "bare_unconstrained_tokens_per_s": round(unconstrained["tok_s"], 2),
+        "serve_vs_bare_unconstrained_tok_s": round(serve_tok_s / unconstrained["tok_s"], 3),
         "one_token_p50_serve_ms": round(statistics.median(serve_one_token) * 1000, 2),
         "one_token_p50_bare_ms": round(statistics.median(bare_one_token) * 1000, 2),
         "one_token_p50_added_ms": round((statistics.median(serve_one_token) - statistics.median(bare_one_token)) * 1000, 2),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        # Ray Serve's fast-path switches, when the caller set them (see docs/serving.md)
+        "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
     }
     print(json.dumps(result))
     return 1 if served["errors"] else 0

@@ -42,8 +42,9 @@ def block(args, packing: bool) -> dict:
             "max_length": args.max_length, "packing": packing}
 
 
-def run_trl(args, model_path: str, data: Path, scratch: Path) -> float:
-    """Plain TRL SFTTrainer, unpacked (TRL's default), in this process."""
+def run_trl(args, model_path: str, data: Path, scratch: Path, bf16: bool) -> float:
+    """Plain TRL SFTTrainer, unpacked (TRL's default), in this process, at raypost's precision
+    (TRL's own default is bf16 autocast even on CPU: left implicit, the two runs would differ)."""
     import datasets
     import torch
     from trl import SFTConfig, SFTTrainer
@@ -55,7 +56,7 @@ def run_trl(args, model_path: str, data: Path, scratch: Path) -> float:
     config = SFTConfig(output_dir=str(scratch / "trl"), learning_rate=1e-4, max_steps=args.steps,
                        per_device_train_batch_size=args.batch, max_length=args.max_length, packing=False,
                        logging_steps=1, save_strategy="no", report_to=["none"], disable_tqdm=True, use_cpu=True,
-                       seed=0, data_seed=0, model_init_kwargs={"dtype": torch.float32})
+                       seed=0, data_seed=0, bf16=bf16, model_init_kwargs={"dtype": torch.float32})
     trainer = SFTTrainer(model=model_path, args=config, train_dataset=datasets.Dataset.from_list(rows))
     trainer.callback_handler.callbacks.insert(0, throughput)
     trainer.train()
@@ -97,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         model_path = str(resolve_model(args.model))
     data = write_dataset(scratch / "gsm8k_sft.jsonl", args.rows)
 
+    from raypost.training import TrainConfig
+    from raypost.training.methods import uses_cpu_bf16_autocast
+
+    bf16 = uses_cpu_bf16_autocast(TrainConfig.model_validate({"method": "sft"}))
     # TRL first, before Ray starts, so nothing else competes for the cores
-    trl_tok_s = run_trl(args, model_path, data, scratch)
+    trl_tok_s = run_trl(args, model_path, data, scratch, bf16)
     trl_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     from raypost.runtime import ensure_ray
 
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     packed_tok_s, peaks_packed = run_raypost(args, model_path, data, scratch, packing=True)
     report = {
         "model": args.model, "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
-        "cores": args.cores,
+        "cores": args.cores, "precision": "bf16 autocast" if bf16 else "fp32",
         "raypost_tok_s": round(raypost_tok_s, 1),
         "trl_tok_s": round(trl_tok_s, 1),
         "ratio": round(raypost_tok_s / trl_tok_s, 3),

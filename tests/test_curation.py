@@ -272,6 +272,29 @@ def test_selection_ranks_verified_candidates_first(ray_local, tiny_model, tmp_pa
     assert log.reports["select"]["pairs"] == 2
 
 
+
+def test_selection_generates_student_candidates_and_a_judge_rates_them(ray_local, tiny_model, tmp_path):
+    from raypost.config import EngineConfig, SamplingConfig
+
+    generated = tmp_path / "student_candidates"
+    log = CurationLog()
+    out = {r["id"]: r for r in rows_of(select_responses(
+        dataset_from_rows(selection_rows()),
+        candidates=[CandidateSource("reference", "reference"),
+                    CandidateSource("student", "generate", model=str(tiny_model), output_dir=str(generated),
+                                    engine=EngineConfig(backend="transformers", batch_size=4),
+                                    sampling=SamplingConfig(max_tokens=6, temperature=0.0))],
+        scorer="judge", scorer_model=str(tiny_model), scorer_engine=EngineConfig(backend="transformers"), log=log))}
+    # the student's answers were generated now, one per prompt, and written like any generate stage
+    assert sorted(r["id"] for r in records.read_rows(generated)) == ["s-1", "s-2", "s-3"]
+    for row in out.values():
+        sources = {c["source"] for c in row["candidates"]}
+        assert "student#0" in sources
+        assert all(0.0 <= c["score"] <= 10.0 for c in row["candidates"])  # the judge's 1-10 (0: no number)
+    # the verifier still ranks first: the gold solution beats a random tiny model's text
+    assert out["s-1"]["best_source"] == "reference" and out["s-1"]["worst_source"] == "student#0"
+    assert out["s-3"]["best_source"] == "student#0"  # no reference: the generated answer is the only candidate
+
 @pytest.mark.slow
 def test_written_sets_are_accepted_by_trl_trainers(ray_local, tiny_model, tmp_path):
     import datasets

@@ -112,6 +112,18 @@ def test_parquet_dir_and_bad_data_fails_before_workers(tmp_path, tiny_model):
     assert not (tmp_path / "out" / "ray").exists()
 
 
+def test_cpu_precision_is_bf16_autocast_only_where_the_cpu_has_it(tmp_path):
+    from raypost.training.methods import cpu_has_native_bf16, training_arguments, uses_cpu_bf16_autocast
+
+    default = TrainConfig.model_validate({"method": "sft"})
+    arguments = training_arguments(default, str(tmp_path), ["none"])
+    # TRL's own default is bf16 even where the CPU emulates it; raypost turns it on only with native support
+    assert arguments.bf16 is cpu_has_native_bf16()
+    assert str(arguments.model_init_kwargs["dtype"]) == "torch.float32"  # fp32 master weights
+    assert training_arguments(small_config("sft", scaling={"bf16": False}), str(tmp_path), ["none"]).bf16 is False
+    assert uses_cpu_bf16_autocast(small_config("sft", scaling={"deepspeed": "zero2"})) is False
+
+
 # --- each method on Ray Train ----------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["sft", "kto", "dpo", "orpo"])
@@ -147,6 +159,25 @@ def test_lora_is_merged_into_a_full_checkpoint(tmp_path, tiny_model, ray_local):
 
 
 # --- distributed -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_mlflow_tracking_writes_a_local_run(tmp_path, tiny_model, ray_local, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this reading client, as for the worker
+
+    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft"))
+    tracking_dir = tmp_path / "mlruns"
+    config = small_config("sft", sft={"max_steps": 3}, tracking={"backend": "mlflow", "dir": str(tracking_dir)})
+    result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
+    assert result.steps == 3
+    client = MlflowClient(tracking_uri=tracking_dir.resolve().as_uri())
+    experiment = client.get_experiment_by_name("raypost")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert client.get_metric_history(run.info.run_id, "tokens_per_s")
+    assert run.data.params["learning_rate"] == "0.002"
+
 
 @pytest.mark.slow
 def test_two_worker_ddp_leaves_identical_weights(tmp_path, tiny_model, ray_local):

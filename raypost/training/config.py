@@ -73,7 +73,8 @@ class ScalingBlock(StrictModel):
     deepspeed: Literal["none", "zero2", "zero3"] = "none"
     offload_optimizer: bool = Field(False, description="ZeRO: optimizer states in CPU memory")
     offload_params: bool = Field(False, description="ZeRO-3: parameters in CPU memory")
-    bf16: bool = Field(True, description="bf16 mixed precision on GPU; CPU runs stay fp32")
+    bf16: bool = Field(True, description="bf16 on GPU; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 autocast "
+                                         "over fp32 weights, without DeepSpeed; fp32 elsewhere")
 
     @model_validator(mode="after")
     def _offload(self) -> "ScalingBlock":

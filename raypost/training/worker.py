@@ -40,6 +40,9 @@ def _report_to(config, rank: int) -> list[str]:
         os.environ["TENSORBOARD_LOGGING_DIR"] = tracking.dir
         return ["tensorboard"]
     os.environ["MLFLOW_TRACKING_URI"] = Path(tracking.dir).resolve().as_uri()
+    # MLflow 3 refuses a file store unless told otherwise; a database backend needs the full
+    # mlflow package (SQLAlchemy, alembic), which does not fit beside vLLM's pins
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "raypost")
     return ["mlflow"]
 
