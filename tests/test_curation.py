@@ -283,7 +283,8 @@ def test_selection_generates_student_candidates_and_a_judge_rates_them(ray_local
         candidates=[CandidateSource("reference", "reference"),
                     CandidateSource("student", "generate", model=str(tiny_model), output_dir=str(generated),
                                     engine=EngineConfig(backend="transformers", batch_size=4),
-                                    sampling=SamplingConfig(max_tokens=6, temperature=0.0))],
+                                    # sampled: a random tiny model's greedy text is blank lines
+                                    sampling=SamplingConfig(max_tokens=6, temperature=1.0, seed=0))],
         scorer="judge", scorer_model=str(tiny_model), scorer_engine=EngineConfig(backend="transformers"), log=log))}
     # the student's answers were generated now, one per prompt, and written like any generate stage
     assert sorted(r["id"] for r in records.read_rows(generated)) == ["s-1", "s-2", "s-3"]
