@@ -124,6 +124,29 @@ def test_cpu_precision_is_bf16_autocast_only_where_the_cpu_has_it(tmp_path):
     assert uses_cpu_bf16_autocast(small_config("sft", scaling={"deepspeed": "zero2"})) is False
 
 
+def test_row_packing_keeps_documents_apart(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from raypost.training.packing import RowPackedCollator
+
+    collator = RowPackedCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True))
+    # two packed rows as TRL's bfd packing writes them: documents of 3+2 and 4 tokens
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]}, {"input_ids": [10, 11, 12, 13], "seq_lengths": [4]}]
+    batch = collator(rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, 5)  # rows stay rows
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 11, 12, 13, -100]]
+    assert collator.tokens_seen == 9  # real tokens, not the padded width
+    # the second document of row 0 sees nothing of the first: same logits as on its own
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():  # use_cache=False as TRL trains (a KV cache turns packed-sequence masking off)
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0, 3:5]
+        alone = model(input_ids=torch.tensor([[8, 9]]), use_cache=False).logits[0]
+    assert torch.allclose(packed, alone, atol=1e-5)
+
+
 # --- each method on Ray Train ----------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["sft", "kto", "dpo", "orpo"])

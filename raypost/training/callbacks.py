@@ -23,10 +23,13 @@ def peak_rss_mb() -> float:
 class ThroughputCallback(TrainerCallback):
     """Tokens/s per optimizer step from TRL's cumulative, all-rank `num_tokens` and wall time.
 
-    `steady_tok_s` skips the first `warmup_steps` steps (compilation, allocator warm-up)."""
+    `steady_tok_s` skips the first `warmup_steps` steps (compilation, allocator warm-up).
+    `token_counter` (an object with `tokens_seen`, such as the row-packing collator) replaces
+    TRL's count where TRL cannot see the real tokens, in the logs too."""
 
-    def __init__(self, warmup_steps: int = 2):
+    def __init__(self, warmup_steps: int = 2, token_counter=None):
         self.warmup_steps = warmup_steps
+        self.token_counter = token_counter
         self.last_time: float | None = None
         self.last_tokens: float | None = None
         self.tok_s: float | None = None
@@ -41,6 +44,8 @@ class ThroughputCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "num_tokens" not in logs:
             return
+        if self.token_counter is not None:
+            logs["num_tokens"] = _all_ranks_sum(self.token_counter.tokens_seen)
         now = time.perf_counter()
         tokens = float(logs["num_tokens"])
         # TRL's token counter restarts at 0 after a resume: start a new window then
@@ -56,12 +61,25 @@ class ThroughputCallback(TrainerCallback):
             # the Trainer copied `logs` into its history before the callbacks ran
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1]["tokens_per_s"] = logs["tokens_per_s"]
+                state.log_history[-1]["num_tokens"] = logs["num_tokens"]
 
     @property
     def steady_tok_s(self) -> float | None:
         times = self.step_times[self.warmup_steps:] or self.step_times
         tokens = self.step_tokens[self.warmup_steps:] or self.step_tokens
         return sum(tokens) / sum(times) if times and sum(times) > 0 else None
+
+
+def _all_ranks_sum(value: float) -> float:
+    """Every rank logs at the same steps, so this collective is safe inside on_log."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item())
 
 
 def _numeric(logs: dict[str, Any]) -> dict[str, float]:

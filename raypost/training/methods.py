@@ -105,6 +105,9 @@ def training_arguments(config: TrainConfig, output_dir: str, report_to: list[str
         report_to=report_to,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # every parameter gets a gradient (LoRA's frozen ones are outside DDP): the Trainer's default
+        # (True) re-walks the autograd graph after every backward for nothing
+        ddp_find_unused_parameters=False,
         model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
         **method_arguments(config),
     )
@@ -121,11 +124,16 @@ def lora_config(config: TrainConfig):
 
 
 def build_trainer(config: TrainConfig, model_path: str, dataset, output_dir: str, report_to: list[str], callbacks: list):
+    from raypost.training.packing import use_row_packing
+
     _, trainer_class = trainer_classes(config.method)
-    return trainer_class(
+    trainer = trainer_class(
         model=model_path,
         args=training_arguments(config, output_dir, report_to),
         train_dataset=dataset,
         callbacks=callbacks,
         peft_config=lora_config(config),
     )
+    if config.method == "sft":
+        use_row_packing(trainer)
+    return trainer

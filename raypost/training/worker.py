@@ -89,6 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raypost.training.callbacks import RayTrainReportCallback, ThroughputCallback, peak_rss_mb
     from raypost.training.config import TrainConfig
     from raypost.training.methods import build_trainer
+    from raypost.training.packing import RowPackedCollator
 
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
@@ -106,10 +107,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scratch = Path(tempfile.mkdtemp(prefix=f"raypost-train-rank{rank}-"))
         stack.callback(shutil.rmtree, scratch, True)
 
-        throughput = ThroughputCallback()
         callbacks = [RayTrainReportCallback(), *loop_config.get("callbacks", [])]
         trainer = build_trainer(config, loop_config["model_path"], dataset, str(scratch / "hf"),
                                 _report_to(config, rank), callbacks)
+        throughput = ThroughputCallback(token_counter=trainer.data_collator if isinstance(
+            trainer.data_collator, RowPackedCollator) else None)
         # first, so every later callback (Ray, TensorBoard, MLflow) sees tokens_per_s
         trainer.callback_handler.callbacks.insert(0, throughput)
         # raypost prints one progress line per log instead of the raw dicts
