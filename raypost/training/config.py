@@ -41,7 +41,8 @@ class MethodBlock(StrictModel):
 
 
 class SFTBlock(MethodBlock):
-    packing: bool = Field(True, description="best-fit-decreasing packing, padding-free (TRL `bfd`)")
+    packing: bool = Field(True, description="best-fit-decreasing packing (TRL `bfd`): padding-free with FlashAttention, "
+                                            "one masked row per packed row otherwise")
     completion_only_loss: bool | None = Field(None, description="default: True for prompt/completion data")
 
 
