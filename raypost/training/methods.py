@@ -124,16 +124,11 @@ def lora_config(config: TrainConfig):
 
 
 def build_trainer(config: TrainConfig, model_path: str, dataset, output_dir: str, report_to: list[str], callbacks: list):
-    from raypost.training.packing import use_row_packing
-
     _, trainer_class = trainer_classes(config.method)
-    trainer = trainer_class(
+    return trainer_class(
         model=model_path,
         args=training_arguments(config, output_dir, report_to),
         train_dataset=dataset,
         callbacks=callbacks,
         peft_config=lora_config(config),
     )
-    if config.method == "sft":
-        use_row_packing(trainer)
-    return trainer

@@ -17,10 +17,9 @@ FLASH_ATTENTION_PREFIX = "flash"
 
 
 def needs_row_packing(trainer) -> bool:
-    """True when TRL would flatten packed rows for an attention without varlen kernels."""
-    model = getattr(trainer, "model", None)
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", "") or ""
-    return bool(getattr(trainer, "padding_free", False)) and not implementation.startswith(FLASH_ATTENTION_PREFIX)
+    """True when TRL's SFTTrainer would flatten packed rows for an attention without varlen kernels."""
+    implementation = trainer.model.config._attn_implementation or ""
+    return trainer.padding_free and not implementation.startswith(FLASH_ATTENTION_PREFIX)
 
 
 class RowPackedCollator:
@@ -44,6 +43,7 @@ class RowPackedCollator:
 
 
 def use_row_packing(trainer) -> RowPackedCollator | None:
+    """Swap the SFT trainer's collator for row packing where it is needed; the new collator, or None."""
     if not needs_row_packing(trainer):
         return None
     collator = RowPackedCollator(trainer.data_collator)

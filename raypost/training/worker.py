@@ -89,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raypost.training.callbacks import RayTrainReportCallback, ThroughputCallback, peak_rss_mb
     from raypost.training.config import TrainConfig
     from raypost.training.methods import build_trainer
-    from raypost.training.packing import RowPackedCollator
+    from raypost.training.packing import use_row_packing
 
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
@@ -110,8 +110,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         callbacks = [RayTrainReportCallback(), *loop_config.get("callbacks", [])]
         trainer = build_trainer(config, loop_config["model_path"], dataset, str(scratch / "hf"),
                                 _report_to(config, rank), callbacks)
-        throughput = ThroughputCallback(token_counter=trainer.data_collator if isinstance(
-            trainer.data_collator, RowPackedCollator) else None)
+        # packed SFT rows without FlashAttention: the collator then counts the real tokens
+        row_packing = use_row_packing(trainer) if config.method == "sft" else None
+        throughput = ThroughputCallback(token_counter=row_packing)
         # first, so every later callback (Ray, TensorBoard, MLflow) sees tokens_per_s
         trainer.callback_handler.callbacks.insert(0, throughput)
         # raypost prints one progress line per log instead of the raw dicts
