@@ -3,6 +3,8 @@
 Same model, data (GSM8K question + answer as prompt/completion), batch and cores. Prints one
 JSON object as the last line:
   raypost_tok_s / trl_tok_s / ratio       unpacked SFT, steady-state real tokens per second
+  trl_same_allocator_tok_s / ...          plain TRL again, in a process given the host allocator
+                                          raypost gives its CPU workers (scaling.allocator: retain)
   packed_vs_unpacked                      raypost SFT with packing vs TRL's unpacked default
   peak_rss_mb_*                           peak resident memory per worker / of the TRL process
 Goals: ratio >= 0.95, packed_vs_unpacked >= 1.5.
@@ -63,6 +65,23 @@ def run_trl(args, model_path: str, data: Path, scratch: Path, bf16: bool) -> flo
     return throughput.steady_tok_s
 
 
+def run_trl_with_allocator(args, model_path: str, data: Path, scratch: Path, bf16: bool) -> float:
+    """`run_trl` in a fresh process started with raypost's worker allocator (an allocator is
+    chosen at process start), so the ratio can be read with and without that difference."""
+    import subprocess
+
+    from raypost.training.allocator import allocator_env
+
+    command = [sys.executable, __file__, "--trl-only", "--model", model_path, "--data", str(data),
+               "--scratch", str(scratch / "trl-allocator"), "--bf16", str(int(bf16)), "--steps", str(args.steps),
+               "--batch", str(args.batch), "--max-length", str(args.max_length), "--cores", str(args.cores)]
+    env = {**os.environ, **allocator_env("retain")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"TRL with raypost's allocator failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["trl_tok_s"]
+
+
 def run_raypost(args, model_path: str, data: Path, scratch: Path, packing: bool):
     from raypost.training import TrainConfig, train
 
@@ -82,11 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--trl-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.cores)
+    if args.trl_only:
+        scratch = Path(args.scratch)
+        scratch.mkdir(parents=True, exist_ok=True)
+        print(json.dumps({"trl_tok_s": run_trl(args, args.model, Path(args.data), scratch, bool(args.bf16))}))
+        return 0
     scratch = Path(tempfile.mkdtemp(prefix="raypost-bench-train-"))
     if args.model == "tiny":
         from raypost.models.tiny import make_tiny_model
@@ -105,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     # TRL first, before Ray starts, so nothing else competes for the cores
     trl_tok_s = run_trl(args, model_path, data, scratch, bf16)
     trl_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    trl_allocator_tok_s = run_trl_with_allocator(args, model_path, data, scratch, bf16)
     from raypost.runtime import ensure_ray
 
     ensure_ray(num_cpus=args.cores)
@@ -116,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         "raypost_tok_s": round(raypost_tok_s, 1),
         "trl_tok_s": round(trl_tok_s, 1),
         "ratio": round(raypost_tok_s / trl_tok_s, 3),
+        "trl_same_allocator_tok_s": round(trl_allocator_tok_s, 1),
+        "ratio_same_allocator": round(raypost_tok_s / trl_allocator_tok_s, 3),
         "raypost_packed_tok_s": round(packed_tok_s, 1),
         "packed_vs_unpacked": round(packed_tok_s / trl_tok_s, 3),
+        "packed_vs_unpacked_same_allocator": round(packed_tok_s / trl_allocator_tok_s, 3),
         "peak_rss_mb_per_worker_unpacked": [round(x) for x in peaks_unpacked],
         "peak_rss_mb_per_worker_packed": [round(x) for x in peaks_packed],
         "peak_rss_mb_trl_process": round(trl_peak),

@@ -165,6 +165,19 @@ def test_method_loss_falls_and_exports(method, tmp_path, tiny_model, ray_local):
         train(small_config(method, seed=1), model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
 
 
+def test_cpu_workers_run_with_the_configured_allocator(tmp_path, tiny_model, ray_local):
+    """'retain' (the default) preloads the jemalloc from Ray's wheel into the CPU workers; 'system'
+    leaves them alone. The worker reads its own /proc/self/maps."""
+    from raypost.training.allocator import ray_jemalloc
+
+    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft"))
+    expected = {"retain": "jemalloc" if ray_jemalloc() else "glibc-retain", "system": "system"}
+    for allocator, seen in expected.items():
+        config = small_config("sft", sft={"max_steps": 1}, scaling={"allocator": allocator})
+        result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / allocator)
+        assert result.metrics["host_allocator"] == seen, allocator
+
+
 @pytest.mark.slow
 def test_lora_is_merged_into_a_full_checkpoint(tmp_path, tiny_model, ray_local):
     from safetensors.torch import load_file

@@ -20,6 +20,7 @@ from typing import Any
 
 from raypost import records
 from raypost.errors import StageError
+from raypost.training.allocator import allocator_env
 from raypost.training.config import TrainConfig
 from raypost.training.data import load_training_rows
 from raypost.training.worker import EXPORT_MARKER, LOG_HISTORY, train_loop_per_worker
@@ -92,6 +93,13 @@ def _scaling_config(config: TrainConfig):
     return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources)
 
 
+def _worker_runtime_env(config: TrainConfig) -> dict:
+    if config.scaling.use_gpu:
+        return {}
+    env = allocator_env(config.scaling.allocator)
+    return {"env_vars": env} if env else {}
+
+
 def _copy_model(checkpoint_dir: Path, target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -159,6 +167,7 @@ def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: s
             failure_config=FailureConfig(max_failures=config.failure.max_failures),
             # +1: the export is the last checkpoint and must not push out the last training one early
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpointing.keep + 1),
+            worker_runtime_env=_worker_runtime_env(config),
         ),
     )
     outcome = trainer.fit()

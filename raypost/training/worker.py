@@ -86,6 +86,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from transformers.trainer_callback import PrinterCallback
 
+    from raypost.training.allocator import active_allocator
     from raypost.training.callbacks import RayTrainReportCallback, ThroughputCallback, peak_rss_mb
     from raypost.training.config import TrainConfig
     from raypost.training.methods import build_trainer
@@ -132,6 +133,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)),
             "steady_tokens_per_s": throughput.steady_tok_s or 0.0,
             "peak_rss_mb": peak_rss_mb(),
+            "host_allocator": active_allocator(),
         }
         (export_dir / f"peak_rss_mb_rank{rank}.txt").write_text(f"{peak_rss_mb():.1f}")
         if rank == 0:
