@@ -77,9 +77,9 @@ class ScalingBlock(StrictModel):
     bf16: bool = Field(True, description="bf16 on GPU; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 autocast "
                                          "over fp32 weights, without DeepSpeed; fp32 elsewhere")
     allocator: Literal["retain", "system"] = Field(
-        "retain", description="CPU workers: 'retain' keeps freed host memory for the next step (jemalloc from "
-                              "Ray's wheel, or glibc tunables) instead of faulting it in again; 'system' leaves "
-                              "the process allocator alone")
+        "retain", description="CPU workers: 'retain' keeps freed host memory for the next step (glibc "
+                              "tunables) instead of faulting it in again, for more resident memory; "
+                              "'system' leaves the process allocator alone")
 
     @model_validator(mode="after")
     def _offload(self) -> "ScalingBlock":
