@@ -272,7 +272,6 @@ def test_selection_ranks_verified_candidates_first(ray_local, tiny_model, tmp_pa
     assert log.reports["select"]["pairs"] == 2
 
 
-
 def test_selection_generates_student_candidates_and_a_judge_rates_them(ray_local, tiny_model, tmp_path):
     from raypost.config import EngineConfig, SamplingConfig
 
@@ -295,6 +294,7 @@ def test_selection_generates_student_candidates_and_a_judge_rates_them(ray_local
     # the verifier still ranks first: the gold solution beats a random tiny model's text
     assert out["s-1"]["best_source"] == "reference" and out["s-1"]["worst_source"] == "student#0"
     assert out["s-3"]["best_source"] == "student#0"  # no reference: the generated answer is the only candidate
+
 
 @pytest.mark.slow
 def test_written_sets_are_accepted_by_trl_trainers(ray_local, tiny_model, tmp_path):
