@@ -242,6 +242,31 @@ def test_cli_write_config_from_recipe_serves_models_and_exported_stages(tmp_path
 # -- vLLM through ray.serve.llm -----------------------------------------------------------
 
 
+def test_high_throughput_switches_keep_what_the_caller_set(monkeypatch):
+    from raypost.serving.high_throughput import use_high_throughput_serve
+
+    # set first, so that monkeypatch restores both (a key it never saw would stay behind)
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "unset")
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert use_high_throughput_serve() == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+@pytest.mark.vllm
+def test_vllm_replicas_skip_engine_stats_unless_asked(tiny_model):
+    """Like LLM.generate, a served vLLM engine keeps no per-step stats unless the config asks."""
+    from raypost.serving.app import llm_configs
+
+    def engine_kwargs(**vllm_kwargs):
+        config = ServeConfig(models=[{"name": "m", "model": str(tiny_model), "backend": "vllm", "vllm_kwargs": vllm_kwargs}])
+        (llm_config,) = llm_configs(config)
+        return llm_config.engine_kwargs
+
+    assert engine_kwargs()["disable_log_stats"] is True
+    assert engine_kwargs(disable_log_stats=False)["disable_log_stats"] is False
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.timeout(900)

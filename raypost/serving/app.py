@@ -86,6 +86,9 @@ def llm_configs(config: ServeConfig) -> list[Any]:
         source = str(resolve_model(model.model, config.cache_dir))
         engine = EngineConfig(backend="vllm", max_model_len=model.max_model_len, dtype=model.dtype, vllm_kwargs=model.vllm_kwargs)
         engine_kwargs = vllm_engine_kwargs(engine, int(model.vllm_kwargs.get("tensor_parallel_size", 1)))
+        # Engine metrics are off (log_engine_metrics=False), so the per-step stats vLLM's async
+        # engine keeps by default would only feed a log line; LLM.generate skips them too.
+        engine_kwargs.setdefault("disable_log_stats", True)
         deployment_config = model.replicas.serve_options()
         extra: dict[str, Any] = {}
         if not model.gpus_per_replica:

@@ -9,6 +9,7 @@ config file instead (for `serve run FILE`, `serve deploy FILE`, or a RayService)
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--api-key-env", default=None, help="env var holding the key clients must send")
     parser.add_argument("--write-config", metavar="FILE", default=None, help="write the Ray Serve config YAML and exit")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
+                        help="a local Ray runs Serve's HAProxy ingress and gRPC data plane (default: on)")
     parser.set_defaults(handler=run_serve_command)
 
 
@@ -144,6 +147,10 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from raypost.runtime import ensure_ray
     from raypost.serving.app import build_app
 
+    if args.high_throughput and not (args.address or os.environ.get("RAY_ADDRESS")):
+        from raypost.serving.high_throughput import use_high_throughput_serve
+
+        use_high_throughput_serve()
     ensure_ray(args.address)
     serve.start(http_options={"host": config.host, "port": config.port})
     app = build_serve_config(config)["applications"][0]
