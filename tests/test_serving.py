@@ -242,6 +242,59 @@ def test_cli_write_config_from_recipe_serves_models_and_exported_stages(tmp_path
 # -- vLLM through ray.serve.llm -----------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_raypost_serve_runs_its_own_ray_in_high_throughput_mode(tiny_model):
+    """`raypost serve` as a user runs it: its own local Ray, HAProxy in front, the same API."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    port = _free_port()
+    # A Ray temp dir of its own (short: Ray's socket paths have a length limit), so this Ray
+    # neither finds nor is found by the test session's.
+    ray_tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAYPOST_CLI_KEY": "sk-cli"}
+    for key in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+        env.pop(key, None)
+    command = [str(Path(sys.executable).parent / "raypost"), "serve", str(tiny_model), "--name", "tiny",
+               "--backend", "transformers", "--port", str(port), "--api-key-env", "RAYPOST_CLI_KEY"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{base}/models", timeout=5).status_code == 401:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        # Serve writes one HAProxy config per Ray session; the one with this port is this one's.
+        configs = [p.read_text() for p in Path("/tmp/haproxy-serve").glob("*/haproxy.cfg")]
+        assert any(f"bind 127.0.0.1:{port}" in text for text in configs), "no HAProxy frontend on the port"
+        headers = {"Authorization": "Bearer sk-cli"}
+        assert [m["id"] for m in httpx.get(f"{base}/models", headers=headers, timeout=30).json()["data"]] == ["tiny"]
+        reply = httpx.post(f"{base}/chat/completions", json=_chat(), headers=headers, timeout=120)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+        bad = httpx.post(f"{base}/chat/completions", content=b"{bad", headers=headers, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    finally:
+        process.send_signal(signal.SIGINT)  # the CLI shuts Serve and its own Ray down
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def test_high_throughput_switches_keep_what_the_caller_set(monkeypatch):
     from raypost.serving.high_throughput import use_high_throughput_serve
 
