@@ -36,7 +36,7 @@ class Resources(StrictModel):
     tensor_parallel_size: int = Field(1, ge=1)
 
 
-EngineBackend = Literal["auto", "vllm", "transformers", "openai", "reference"]
+EngineBackend = Literal["auto", "vllm", "transformers", "openai", "reference", "procedural"]
 
 
 class EngineConfig(StrictModel):
@@ -54,6 +54,10 @@ class EngineConfig(StrictModel):
     max_retries: int = Field(5, ge=0)
     # vllm backend: passed through to vllm.LLM / vLLMEngineProcessorConfig.engine_kwargs
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # procedural backend (a simulated teacher for raypost.tasks families)
+    tokenizer: str | None = Field(None, description="procedural: a model (name or reference) whose tokenizer "
+                                                    "counts tokens; default whitespace words")
+    error_rate: float = Field(0.0, ge=0, le=1, description="procedural: share of answers with a wrong step")
 
     @field_validator("base_url")
     @classmethod

@@ -17,11 +17,13 @@ from raypost.curation.config import CurateStage
 from raypost.evaluation.config import EvalStage
 from raypost.generation.config import GenerateStage
 from raypost.merging.config import MergeStage
+from raypost.tasks.config import SynthStage
 from raypost.training.config import TrainStage
 
 # kind -> (config model, "module:function" runner). A runner takes (stage, RunContext) and
 # returns a JSON-able summary dict. Add a stage kind by adding one line here.
 STAGES: dict[str, tuple[type[StrictModel], str]] = {
+    "synth": (SynthStage, "raypost.tasks.stage:run_synth_stage"),
     "generate": (GenerateStage, "raypost.generation.stage:run_generate_stage"),
     "curate": (CurateStage, "raypost.curation.stage:run_curate_stage"),
     "eval": (EvalStage, "raypost.evaluation.stage:run_eval_stage"),

@@ -27,6 +27,10 @@ def build_engine(model: str, config: EngineConfig, cache_dir: str | None = None,
         from raypost.engines.reference_engine import ReferenceEngine
 
         return ReferenceEngine(model)
+    if backend == "procedural":
+        from raypost.engines.procedural_engine import ProceduralEngine
+
+        return ProceduralEngine(model, config, cache_dir)
     from raypost.models import resolve_model
 
     path = resolve_model(model, cache_dir)

@@ -103,6 +103,13 @@ def _gsm8k_score(items, rows, options):
     return [score_gsm8k(r["response"], by_id[r["id"]].reference) for r in rows]
 
 
+def _testbed_prompts(items, data_path, options):
+    if _shots_count(options, 0):
+        raise DataError("arith: zero-shot only (the student is trained on the same prompt)")
+    stop = P.GSM8K_COMPLETION_STOP if options.prompt_style == "completion" else []
+    return [P.testbed_messages(i, options.prompt_style) for i in items], stop
+
+
 # --- MBPP --------------------------------------------------------------------------------
 
 def _mbpp_load(path, options):
@@ -204,6 +211,9 @@ def _mmlu_score(items, rows, options):
 BENCHMARKS: dict[str, Benchmark] = {
     "gsm8k": Benchmark("gsm8k", "gsm8k/heldout.jsonl", 4, 512,
                        lambda path, options: load_gsm8k(path), _gsm8k_prompts, _gsm8k_score),
+    # the procedural testbed (raypost data synth arith): GSM8K's format, scored like it, per level
+    "arith": Benchmark("arith", "arith/test.jsonl", 0, 256,
+                       lambda path, options: load_gsm8k(path), _testbed_prompts, _gsm8k_score),
     "mbpp": Benchmark("mbpp", "mbpp/sanitized-mbpp.json", 3, 512, _mbpp_load, _mbpp_prompts, _mbpp_score),
     "humaneval": Benchmark("humaneval", "humaneval/HumanEval.jsonl.gz", 0, 512,
                            lambda path, options: load_humaneval(path), _humaneval_prompts, _humaneval_score),

@@ -8,7 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel, existing_data_path
 
-BenchmarkName = Literal["gsm8k", "mbpp", "humaneval", "mmlu_math"]
+BenchmarkName = Literal["gsm8k", "arith", "mbpp", "humaneval", "mmlu_math"]
 
 
 class BenchmarkSpec(StrictModel):

@@ -92,7 +92,7 @@ def resolve_prompt_style(style: str, model: str, engine: EngineConfig, cache_dir
         return style
     from raypost.engines import pick_backend
 
-    if pick_backend(engine) in ("openai", "reference"):
+    if pick_backend(engine) in ("openai", "reference", "procedural"):
         return "chat"
     from transformers import AutoTokenizer
 

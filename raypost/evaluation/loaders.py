@@ -88,7 +88,10 @@ def load_gsm8k(path: str | os.PathLike) -> Loaded:
             _reject(loaded, location, row, "field 'answer' has no numeric '#### N' final answer")
             continue
         item_id = str(row.get("id", f"{stem}-{index}"))
-        item = EvalItem(item_id, final, {"question": question.strip(), "solution": answer})
+        # procedural sets (raypost data synth) carry a difficulty level: reported like a subject
+        level = row.get("level")
+        item = EvalItem(item_id, final, {"question": question.strip(), "solution": answer},
+                        subject=f"level{level}" if level is not None else "")
         _dedupe(loaded, item, location, row, seen)
     return loaded
 

@@ -70,6 +70,15 @@ def gsm8k_messages(item: EvalItem, shots: list[tuple[str, str]], style: str) -> 
 GSM8K_COMPLETION_STOP = ["\n\nQ:", "\nQ:"]
 
 
+def testbed_messages(item: EvalItem, style: str) -> Messages:
+    """The procedural testbed (raypost.tasks): zero-shot, the system prompt its training data uses."""
+    from raypost.tasks.arith import SYSTEM_PROMPT
+
+    if style == "completion":
+        return [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\nQ: {item.fields['question']}\nA:"}]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.fields["question"]}]
+
+
 # --- MBPP: the prompt of Austin et al. 2021 (MBPP README), shots = task ids 2, 3, 4 ---------
 
 MBPP_SHOT_IDS = (2, 3, 4)

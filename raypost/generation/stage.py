@@ -31,11 +31,14 @@ def load_input(input_config: InputConfig, context) -> records.LoadedPrompts:
 
 def run_generate_stage(stage: GenerateStage, context) -> dict[str, Any]:
     loaded = load_input(stage.input, context)
+    engine = stage.engine
+    if engine.tokenizer:  # a name from `models` (e.g. the student) or a model reference
+        engine = engine.model_copy(update={"tokenizer": context.model_reference(engine.tokenizer)})
     summary = generate(
         loaded.rows,
         model=context.model_reference(stage.model),
         output_dir=context.stage_dir(stage.name),
-        engine=stage.engine,
+        engine=engine,
         sampling=stage.sampling,
         resources=context.resources_for(stage),
         cache_dir=context.recipe.cache_dir,

@@ -1,0 +1,1 @@
+"""Procedural task families: seeded problems with exact solutions (raypost data synth)."""
