@@ -198,8 +198,10 @@ def test_mbpp_prompt_uses_the_paper_format_and_shots(shared_data):
 
 # --- compare -----------------------------------------------------------------------------
 
-def _fake_run(directory: Path, model: str, correct: list[bool], benchmark: str = "gsm8k") -> Path:
-    rows = [{"benchmark": benchmark, "id": f"q{i}", "subject": "", "sample_index": 0, "correct": c,
+def _fake_run(directory: Path, model: str, correct: list[bool], benchmark: str = "gsm8k",
+              subjects: list[str] | None = None) -> Path:
+    rows = [{"benchmark": benchmark, "id": f"q{i}", "subject": subjects[i] if subjects else "", "sample_index": 0,
+             "correct": c,
              "error_kind": None if c else "wrong_answer"} for i, c in enumerate(correct)]
     records.write_part(directory / "items", rows)
     (directory / "summary.json").write_text(json.dumps(
@@ -228,6 +230,20 @@ def test_compare_paired_bootstrap_on_constructed_runs(tmp_path):
     # runs over different items are compared on the shared ones, and say so
     partial = _fake_run(tmp_path / "partial", "partial", [True] * 30)
     assert "compared on the 30 shared items" in compare(base, partial)
+
+
+def test_compare_reports_each_level_with_its_own_paired_interval(tmp_path):
+    from raypost.evaluation.compare import compare
+
+    levels = [f"level{1 + i % 2}" for i in range(40)]
+    base = _fake_run(tmp_path / "base", "base", [False] * 40, "arith", levels)
+    # level1 items all improve, level2 items stay wrong
+    better = _fake_run(tmp_path / "better", "better", [lv == "level1" for lv in levels], "arith", levels)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in compare(base, better).splitlines() if line.startswith("| arith")}
+    assert rows["arith"][4] == "+50.00"
+    assert rows["arith level1"][4] == "+100.00" and rows["arith level1"][5] == "[+100.00, +100.00]"
+    assert rows["arith level2"][4] == "+0.00" and rows["arith level2"][6] == "20"
 
 
 def test_eval_compare_cli(tmp_path, capsys):

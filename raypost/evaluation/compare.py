@@ -5,7 +5,8 @@
 A run is a directory written by `evaluate()` (summary.json + items/), or a directory holding
 several (one per benchmark, as the eval stage writes them). Benchmarks present in both are
 compared on the items both runs scored: per item pass@k, the mean, the delta B - A, and a 95%
-interval from resampling the shared items with replacement (paired: the same draw for A and B).
+interval from resampling the shared items with replacement (paired: the same draw for A and B);
+where items carry subjects (MMLU subjects, testbed levels), one such row per subject too.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def _run_info(run: Path) -> tuple[dict, list[dict]]:
     return summary, records.read_rows(run / "items")
 
 
+def _row(label: str, k: int, a: np.ndarray, b: np.ndarray, low: float, high: float) -> str:
+    return (f"| {label} | pass@{k} | {100 * a.mean():.2f} | {100 * b.mean():.2f} | "
+            f"{100 * (b.mean() - a.mean()):+.2f} | [{100 * low:+.2f}, {100 * high:+.2f}] | {len(a)} |")
+
+
 def compare(run_a_dir: str | Path, run_b_dir: str | Path, *, samples: int = 2000, seed: int = 0) -> str:
     """Markdown: per benchmark and metric, A, B, B - A and its paired bootstrap 95% interval."""
     runs_a, runs_b = find_runs(run_a_dir), find_runs(run_b_dir)
@@ -91,8 +97,15 @@ def compare(run_a_dir: str | Path, run_b_dir: str | Path, *, samples: int = 2000
             a = np.array([per_a[i] for i in shared])
             b = np.array([per_b[i] for i in shared])
             low, high = paired_bootstrap(a, b, samples, seed)
-            lines.append(f"| {benchmark} | pass@{k} | {100 * a.mean():.2f} | {100 * b.mean():.2f} | "
-                         f"{100 * (b.mean() - a.mean()):+.2f} | [{100 * low:+.2f}, {100 * high:+.2f}] | {len(shared)} |")
+            lines.append(_row(benchmark, k, a, b, low, high))
+            # per subject (MMLU subjects, testbed levels): the same paired interval within each
+            subject_of = {r["id"]: r.get("subject") or "" for r in items_a}
+            subjects = sorted({subject_of.get(i, "") for i in shared} - {""})
+            if len(subjects) > 1:
+                for subject in subjects:
+                    index = [n for n, i in enumerate(shared) if subject_of.get(i) == subject]
+                    sub_low, sub_high = paired_bootstrap(a[index], b[index], samples, seed)
+                    lines.append(_row(f"{benchmark} {subject}", k, a[index], b[index], sub_low, sub_high))
     only = sorted(set(runs_a) ^ set(runs_b))
     if only:
         notes.append(f"in one run only: {', '.join(only)}")
