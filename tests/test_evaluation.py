@@ -268,6 +268,7 @@ def test_mmlu_gold_letters_through_the_harness_score_100(tmp_path, ray_local, sh
                        output_dir=tmp_path / "gold", data_path=shared_data / "mmlu", progress=False)
     assert summary.items == 748 and summary.metrics["pass@1"] == 1.0
     assert set(summary.by_subject.values()) == {1.0}
+    assert summary.pass_at_1_ci95 == [1.0, 1.0] and all(ci == [1.0, 1.0] for ci in summary.by_subject_ci95.values())
 
 
 @pytest.mark.slow

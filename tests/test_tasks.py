@@ -142,3 +142,15 @@ def test_synth_stage_pool_feeds_the_procedural_teacher(tmp_path):
     rows = records.read_rows(tmp_path / "out" / "teacher")
     assert len(rows) == 24 and summaries["teacher"]["rows_rejected"] == 0
     assert all(verify_math(r["response"], r["reference"])[0] for r in rows)
+
+
+def test_procedural_teacher_scores_100_on_the_held_out_set_per_level(tmp_path, ray_local):
+    """The exact teacher through the whole eval harness on Ray: every level right, tight intervals."""
+    from raypost.evaluation import evaluate
+
+    summary = evaluate("arith", model="procedural:arith", engine=EngineConfig(backend="procedural", batch_size=100),
+                       output_dir=tmp_path / "teacher", data_path=TEST_SET, progress=False)
+    assert summary.items == 300 and summary.metrics["pass@1"] == 1.0
+    assert summary.by_subject == {f"level{k}": 1.0 for k in arith.LEVELS}
+    assert summary.by_subject_ci95["level3"] == [1.0, 1.0]
+    assert "level4 pass@1 | 100.00 [100.00, 100.00]" in (tmp_path / "teacher" / "summary.md").read_text()

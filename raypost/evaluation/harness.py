@@ -43,7 +43,10 @@ class EvalSummary:
     model: str
     output_dir: str
     metrics: dict[str, float] = field(default_factory=dict)      # pass@1, pass@k, ...
-    by_subject: dict[str, float] = field(default_factory=dict)   # pass@1 per subject (MMLU)
+    by_subject: dict[str, float] = field(default_factory=dict)   # pass@1 per subject (MMLU, testbed levels)
+    # 95% percentile-bootstrap interval of pass@1, over items: the whole set and per subject
+    pass_at_1_ci95: list[float] | None = None
+    by_subject_ci95: dict[str, list[float]] = field(default_factory=dict)
     items: int = 0
     samples: int = 0
     correct_samples: int = 0
@@ -67,7 +70,12 @@ class EvalSummary:
     def markdown(self) -> str:
         lines = [f"## {self.benchmark}: {self.model}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {100 * v:.2f} |" for k, v in self.metrics.items()]
-        lines += [f"| {s} pass@1 | {100 * v:.2f} |" for s, v in self.by_subject.items()]
+        if self.pass_at_1_ci95:
+            lines.append(f"| pass@1 95% CI | [{100 * self.pass_at_1_ci95[0]:.2f}, {100 * self.pass_at_1_ci95[1]:.2f}] |")
+        lines += [f"| {s} pass@1 | {100 * v:.2f}" + (f" [{100 * self.by_subject_ci95[s][0]:.2f}, "
+                                                     f"{100 * self.by_subject_ci95[s][1]:.2f}]"
+                                                     if s in self.by_subject_ci95 else "") + " |"
+                  for s, v in self.by_subject.items()]
         lines += [f"| items | {self.items} |", f"| samples | {self.samples} |",
                   f"| rejected rows | {self.rejected_items} |", f"| generation errors | {self.generation_errors} |"]
         if self.error_kinds:
@@ -282,9 +290,23 @@ def _fill_metrics(summary: EvalSummary, items, item_rows, n: int, ks: list[int])
     if "pass@1" not in summary.metrics:
         values = item_pass_at_k(item_rows, 1)
         summary.metrics["pass@1"] = sum(values.values()) / len(values)
+    per_item = item_pass_at_k(item_rows, 1)
+    summary.pass_at_1_ci95 = bootstrap_ci95(list(per_item.values()))
     subjects = sorted({i.subject for i in items if i.subject})
     if len(subjects) > 1:
-        per_item = item_pass_at_k(item_rows, 1)
         for subject in subjects:
             values = [per_item[i.id] for i in items if i.subject == subject]
             summary.by_subject[subject] = sum(values) / len(values)
+            summary.by_subject_ci95[subject] = bootstrap_ci95(values)
+
+
+def bootstrap_ci95(values: list[float], samples: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% percentile interval of the mean over items resampled with replacement."""
+    import numpy as np
+
+    if not values:
+        return None
+    array = np.asarray(values, dtype=float)
+    means = array[np.random.default_rng(seed).integers(0, len(array), size=(samples, len(array)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return [round(float(low), 4), round(float(high), 4)]
