@@ -48,13 +48,18 @@ def find_runs(path: str | Path) -> dict[str, Path]:
     return {b: p[0] for b, p in found.items()}
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean(b) - mean(a) over resampled items (same indices for both)."""
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, len(a), size=(samples, len(a)))
-    deltas = b[index].mean(axis=1) - a[index].mean(axis=1)
-    low, high = np.percentile(deltas, [2.5, 97.5])
+def bootstrap_interval(values, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of `values` over items resampled with replacement."""
+    values = np.asarray(values, dtype=float)
+    index = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))
+    low, high = np.percentile(values[index].mean(axis=1), [2.5, 97.5])
     return float(low), float(high)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of mean(b) - mean(a) over resampled items (same indices for both):
+    the mean of per-item differences, resampled."""
+    return bootstrap_interval(np.asarray(b, dtype=float) - np.asarray(a, dtype=float), samples, seed)
 
 
 def _run_info(run: Path) -> tuple[dict, list[dict]]:
@@ -81,6 +86,7 @@ def compare(run_a_dir: str | Path, run_b_dir: str | Path, *, samples: int = 2000
     for benchmark in shared_benchmarks:
         summary_a, items_a = _run_info(runs_a[benchmark])
         summary_b, items_b = _run_info(runs_b[benchmark])
+        subject_of = {r["id"]: r.get("subject") or "" for r in items_a}
         if not header:
             header = [f"A: {summary_a['model']} ({runs_a[benchmark].parent if len(runs_a) > 1 else runs_a[benchmark]})",
                       f"B: {summary_b['model']} ({runs_b[benchmark].parent if len(runs_b) > 1 else runs_b[benchmark]})"]
@@ -99,7 +105,6 @@ def compare(run_a_dir: str | Path, run_b_dir: str | Path, *, samples: int = 2000
             low, high = paired_bootstrap(a, b, samples, seed)
             lines.append(_row(benchmark, k, a, b, low, high))
             # per subject (MMLU subjects, testbed levels): the same paired interval within each
-            subject_of = {r["id"]: r.get("subject") or "" for r in items_a}
             subjects = sorted({subject_of.get(i, "") for i in shared} - {""})
             if len(subjects) > 1:
                 for subject in subjects:

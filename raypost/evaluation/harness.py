@@ -287,10 +287,9 @@ def _fill_metrics(summary: EvalSummary, items, item_rows, n: int, ks: list[int])
             continue
         values = item_pass_at_k(item_rows, k)
         summary.metrics[f"pass@{k}"] = sum(values.values()) / len(values)
-    if "pass@1" not in summary.metrics:
-        values = item_pass_at_k(item_rows, 1)
-        summary.metrics["pass@1"] = sum(values.values()) / len(values)
     per_item = item_pass_at_k(item_rows, 1)
+    if "pass@1" not in summary.metrics:
+        summary.metrics["pass@1"] = sum(per_item.values()) / len(per_item)
     summary.pass_at_1_ci95 = bootstrap_ci95(list(per_item.values()))
     subjects = sorted({i.subject for i in items if i.subject})
     if len(subjects) > 1:
@@ -302,11 +301,9 @@ def _fill_metrics(summary: EvalSummary, items, item_rows, n: int, ks: list[int])
 
 def bootstrap_ci95(values: list[float], samples: int = 2000, seed: int = 0) -> list[float] | None:
     """95% percentile interval of the mean over items resampled with replacement."""
-    import numpy as np
+    from raypost.evaluation.compare import bootstrap_interval
 
     if not values:
         return None
-    array = np.asarray(values, dtype=float)
-    means = array[np.random.default_rng(seed).integers(0, len(array), size=(samples, len(array)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return [round(float(low), 4), round(float(high), 4)]
+    low, high = bootstrap_interval(values, samples, seed)
+    return [round(low, 4), round(high, 4)]

@@ -6,9 +6,9 @@ is L operations among +, -, x k (k = 2..5) and exact division by k, with operand
 optional distractor sentences carry numbers that do not matter, so dedup and diversity have
 real work. The gold solution has one step per line and ends with `#### N` (GSM8K's format).
 
-    item = make_problem(random.Random(0), level=3)
-    parse_problem(item.question)       # -> Problem: the operations read back from the text
-    solve(problem).solution            # the exact chain of thought
+    problem, question = make_problem(random.Random(0), level=3)
+    parse_problem(question) == problem     # the operations read back from the text
+    solve(problem).text                    # the exact chain of thought, ending `#### N`
 
 Every sentence the generator writes has a pattern the parser reads back, so the procedural
 teacher (raypost.engines.procedural_engine) answers new questions of the family, not only
@@ -21,7 +21,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -83,7 +83,6 @@ STEP_LINES = {
     "mul": "{b} times as many means {x} * {b} = {y} {o}.",
     "div": "Keeping one of {b} equal parts leaves {x} / {b} = {y} {o}.",
 }
-SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
 
 class ParseError(ValueError):
@@ -125,7 +124,6 @@ class Item:
     answer: str                         # the gold solution, ending `#### N`
     level: int
     family: str = FAMILY
-    extra: dict = field(default_factory=dict)
 
     def as_record(self) -> dict:
         return {"id": self.id, "question": self.question, "answer": self.answer, "level": self.level,
@@ -208,7 +206,8 @@ def solve(problem: Problem, *, error_at: int | None = None, error_delta: int = 1
         result = {"add": value + b, "sub": value - b, "mul": value * b,
                   "div": value // b if value % b == 0 else value / b}[op]
         if index == error_at:
-            result = result + error_delta if not (op == "sub" and result - error_delta < 0) else result + abs(error_delta)
+            # a wrong count, never a negative one
+            result = result + error_delta if result + error_delta >= 0 else result + abs(error_delta)
         if isinstance(result, float):
             result = round(result, 2)
         steps.append(STEP_LINES[op].format(b=b, x=value, y=result, n=problem.name, o=problem.obj))
