@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -86,11 +85,28 @@ def test_openai_backend_failures_become_rejected_rows(tmp_path, ray_local):
 
 
 RESUME_SCRIPT = """
-import sys
+import os, signal, sys
+from raypost import records
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.generation.pipeline import generate
 from raypost.runtime import ensure_ray
+
+def interrupt_after(parts):
+    # Ctrl-C at a known point (right after the driver stored its Nth part), not after a sleep:
+    # a fast machine must not finish every row before the interrupt arrives.
+    write_part, written = records.write_part, []
+    def writing_then_interrupting(*args, **kwargs):
+        result = write_part(*args, **kwargs)
+        if result is not None:
+            written.append(result)
+        if result is not None and len(written) == parts:
+            os.killpg(os.getpgid(0), signal.SIGINT)
+        return result
+    records.write_part = writing_then_interrupting
+
 if __name__ == "__main__":
+    if len(sys.argv) > 4:
+        interrupt_after(int(sys.argv[4]))
     ensure_ray(num_cpus=2)
     rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Count to {i}"}], "reference": None}
             for i in range(int(sys.argv[3]))]
@@ -107,14 +123,11 @@ def test_interrupted_run_resumes_and_every_id_lands_exactly_once(tiny_model, tmp
     out = tmp_path / "gen"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, str(script), str(tiny_model), str(out), "40"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(records.part_files(out)) < 2:
-        time.sleep(0.2)
-    assert len(records.part_files(out)) >= 2, "the run never wrote a batch"
-    os.killpg(process.pid, signal.SIGINT)   # Ctrl-C mid-run
-    process.wait(timeout=120)
+    process = subprocess.Popen([*command, "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode != 0 and "WRITTEN" not in output, output[-2000:]   # it was interrupted mid-run
+    assert len(records.part_files(out)) == 2, output[-2000:]
     done_before = records.count_rows(out)
     assert 0 < done_before < 40
 
