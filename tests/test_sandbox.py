@@ -60,6 +60,80 @@ def test_classification(code, status):
     _assert_nothing_left(result)
 
 
+# Each ends with status 0 before the assert after it runs: a reward hack for a model whose code is
+# verified by exit status. None may pass (the HumanEval harness counts these as failures too).
+EARLY_EXITS = {
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "sys.exit()": "import sys\nsys.exit()",
+    "raise SystemExit": "raise SystemExit",
+    "raise SystemExit(0) in a test call": "def f():\n    raise SystemExit(0)\nassert f() == 1",
+    "quit()": "quit()",
+    "exit()": "exit()",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "libc _exit(0)": "import ctypes\nctypes.CDLL(None)._exit(0)",
+    "SIGTERM handler exits 0": ("import os, signal\nsignal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n"
+                                "os.kill(os.getpid(), signal.SIGTERM)"),
+    "atexit exits 0 after a failure": "import atexit, os\natexit.register(os._exit, 0)\nassert False",
+    "excepthook exits 0": "import os, sys, traceback\ntraceback.print_exc = lambda *a, **k: os._exit(0)",
+    "os.write and os._exit replaced": "import os\nos.write = lambda *a: 0\nos._exit(0)",
+    "thread exits 0 while the tests run": ("import os, threading, time\n"
+                                           "threading.Thread(target=lambda: os._exit(0)).start()\n"
+                                           "time.sleep(3)"),
+}
+
+
+@pytest.mark.parametrize("name", list(EARLY_EXITS))
+def test_early_exit_with_status_0_fails(name):
+    result = run_python(EARLY_EXITS[name] + "\nassert False, 'the tests ran'\n", timeout_s=5)
+    assert result.status == "fail", result
+    if name != "atexit exits 0 after a failure":  # that one fails its assert before exiting
+        assert result.early_exit and result.detail == "exited before its tests finished", result
+    _assert_nothing_left(result)
+
+
+def test_self_kill_is_not_a_pass():
+    result = run_python("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\nassert False", timeout_s=5)
+    assert result.status == "error" and not result.early_exit, result
+
+
+def test_program_cannot_forge_the_finished_token():
+    """It reads its own source, every frame's locals and constants and every object the garbage
+    collector knows, prints each token-sized candidate and writes it to every file descriptor it can
+    reach (its own, and its supervisor's through /proc), then exits 0."""
+    code = (
+        "import gc, glob, os, sys\n"
+        "cands = [open(__file__, 'rb').read()]\n"
+        "f = sys._getframe()\n"
+        "while f:\n"
+        "    cands += [v for v in f.f_locals.values() if isinstance(v, (bytes, bytearray, str))]\n"
+        "    cands += [c for c in f.f_code.co_consts if isinstance(c, (bytes, str))]\n"
+        "    f = f.f_back\n"
+        "cands += [o for o in gc.get_objects() if isinstance(o, (bytes, bytearray))]\n"
+        "cands = [bytes(c, 'latin-1') if isinstance(c, str) else bytes(c) for c in cands]\n"
+        "cands = [c for c in cands if len(c) == 32 and any(c)]\n"
+        "fds = list(range(3, 64))\n"
+        "for path in glob.glob('/proc/*/fd/*'):\n"
+        "    try:\n"
+        "        fds.append(os.open(path, os.O_WRONLY))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "for c in cands:\n"
+        "    print(c.hex())\n"
+        "    sys.stdout.buffer.write(c + b'\\n')\n"
+        "    for fd in fds:\n"
+        "        try:\n"
+        "            os.write(fd, c)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "sys.stdout.flush()\n"
+        "os._exit(0)\n"
+        "assert False\n"
+    )
+    for isolation in ("namespaces", "preamble") if isolation_mode() == "namespaces" else ("preamble",):
+        result = run_python(code, timeout_s=10, isolation=isolation)
+        assert result.status == "fail" and result.early_exit, (isolation, result)
+
+
 def test_cpu_limit_is_a_timeout():
     result = run_python("while True: pass", timeout_s=20, cpu_s=1)
     assert result.status == "timeout" and result.seconds < 10, result
@@ -189,6 +263,13 @@ def test_caller_environment_invisible(monkeypatch):
     assert result.status == "pass", result
     assert secret not in result.stdout and secret not in result.stderr
     assert "RAYPOST_TEST_SECRET" not in result.stdout
+
+
+def test_preamble_mode_catches_early_exits():
+    for code in ("import sys\nsys.exit(0)\nassert False", "import os\nos._exit(0)\nassert False"):
+        result = run_python(code, timeout_s=5, isolation="preamble")
+        assert result.status == "fail" and result.detail == "exited before its tests finished", result
+    assert run_python("print('ok')", timeout_s=5, isolation="preamble").status == "pass"
 
 
 def test_preamble_mode_blocks_sockets_and_cleans_up():

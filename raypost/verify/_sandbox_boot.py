@@ -2,8 +2,25 @@
 
 Standalone on purpose (stdlib only, copied into the sandbox's working dir): it is started with
 `python -I _boot.py CONFIG_JSON` and must not import raypost. Exit codes it owns:
-0 program finished, 1 AssertionError (or the program's own exit code), 97 any other exception
+0 program ran to its end, 1 AssertionError (or the program's own exit code), 96 the program ended
+with status 0 before its last line ran (sys.exit(0), os._exit(0), ...), 97 any other exception
 (SyntaxError included), 98 the sandbox itself could not be set up, 128 + N killed by signal N.
+
+Proof that the program ran to its end (its tests come last, so: that its tests finished). Exit
+status 0 proves nothing: the program can call os._exit(0) (or sys.exit(0), quit(), a signal
+handler that exits 0, ctypes' exit) before its tests run. So two processes take part:
+- the supervisor (this file's first process) never runs a line of the program. It reads the
+  parent's per-run token from a pipe into a bytearray and closes the pipe before forking; the
+  program's process zeroes its copy of that buffer and closes the report file before the program
+  starts, so the token is nowhere the program can look: not in its source, __file__, argv,
+  environment, stack frames, memory or open files.
+- the program's process writes DONE to a pipe only when `exec` of the whole program returned
+  normally. The supervisor writes the token to the report file only when that process exited 0
+  *and* DONE came; exit 0 without DONE is exit 96. The parent counts a pass only when the report
+  file holds its token and the exit status is 0, so printing a fake token, or writing to the report
+  file through /proc, gains nothing.
+What this cannot stop (nothing inside one interpreter can): a program written against this file
+that writes DONE to the pipe itself. It stops every way of simply ending early.
 """
 
 import ctypes
@@ -14,8 +31,10 @@ import stat
 import sys
 import traceback
 
+EXIT_EARLY = 96
 EXIT_EXCEPTION = 97
 EXIT_SETUP = 98
+DONE = b"raypost-sandbox-done"
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
@@ -136,7 +155,7 @@ def _block_sockets():
     socket.socketpair = _socket.socketpair = refuse
 
 
-def _run_program(config):
+def _run_program(config, done_fd):
     try:
         _set_limits(config["limits"])
         if config["mode"] != "namespaces":
@@ -152,20 +171,31 @@ def _run_program(config):
     with open("main.py", encoding="utf-8") as f:
         source = f.read()
     namespace = {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__}
+    # Bound now: the program may replace os.write or os._exit before the report is sent.
+    write, exit_now = os.write, os._exit
     try:
         exec(compile(source, "main.py", "exec"), namespace)
     except SystemExit:
-        raise
+        raise  # exit 0 now is "ended early" (no DONE sent), another status is the program's own
     except AssertionError:
         traceback.print_exc()
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(1)
+        exit_now(1)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(EXIT_EXCEPTION)
+        exit_now(EXIT_EXCEPTION)
+    write(done_fd, DONE)
+
+
+def _read_available(fd):
+    os.set_blocking(fd, False)  # a background child of the program may still hold the write end
+    try:
+        return os.read(fd, 64)
+    except BlockingIOError:
+        return b""
 
 
 def main():
@@ -184,13 +214,23 @@ def main():
     # A small supervisor waits for the program and reports a death by signal (SIGXCPU from the CPU
     # limit, SIGKILL) as 128 + signal, the shell's convention: `unshare --fork` cannot always
     # re-raise its child's signal, and as the PID namespace's first process the supervisor takes
-    # every leftover process down with it when it exits.
+    # every leftover process down with it when it exits. It alone holds the token (module docstring).
+    token = bytearray(config["token_bytes"])
+    if os.readv(config["token_fd"], [token]) != len(token):
+        sys.stderr.write("raypost sandbox: setup failed (no token)\n")
+        os._exit(EXIT_SETUP)
+    os.close(config["token_fd"])
+    done_read, done_write = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     child = os.fork()
     if child == 0:
-        _run_program(config)
+        token[:] = bytes(len(token))
+        os.close(config["report_fd"])
+        os.close(done_read)
+        _run_program(config, done_write)
         return
+    os.close(done_write)
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -199,7 +239,14 @@ def main():
             continue
     if os.WIFSIGNALED(status):
         os._exit(128 + os.WTERMSIG(status))
-    os._exit(os.WEXITSTATUS(status))
+    code = os.WEXITSTATUS(status)
+    if code == 0:
+        if _read_available(done_read) != DONE:
+            sys.stderr.write("raypost sandbox: exited before its tests finished\n")
+            sys.stderr.flush()
+            os._exit(EXIT_EARLY)
+        os.write(config["report_fd"], token)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ Isolation, strongest first, chosen once per process (`isolation_mode()`):
 Both: `python -I`, an empty environment (no caller variables), a fresh temp working dir removed
 afterwards, rlimits on CPU time, address space, file size, processes and open files, and a
 wall-clock timeout that kills the whole process group.
+
+A program passes only when it ran to its last line: exit status 0 is not enough (sys.exit(0) or
+os._exit(0) before the tests would give it). The sandbox's supervisor hands back a per-run token
+that the program never sees, only after the program's last line ran; how, and what that cannot
+stop, is in _sandbox_boot.py's docstring.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ from typing import Literal, Sequence
 SandboxStatus = Literal["pass", "fail", "timeout", "error"]
 
 _BOOT = Path(__file__).with_name("_sandbox_boot.py")
+_EXIT_EARLY = 96
 _EXIT_EXCEPTION = 97
 _EXIT_SETUP = 98
+_TOKEN_BYTES = 32
+EARLY_EXIT_REASON = "exited before its tests finished"
 _OUTPUT_LIMIT = 64 * 1024
 _UNSHARE_FLAGS = ["--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
 # Threaded math libraries would each try to start a thread per core and hit RLIMIT_NPROC.
@@ -52,6 +60,7 @@ class SandboxResult:
     seconds: float
     isolation: str = ""
     workdir: str = ""  # already removed; kept so callers and tests can check nothing is left
+    early_exit: bool = False  # status 0 (or the harness's exit 96) before the program's end
 
     @property
     def detail(self) -> str:
@@ -60,6 +69,8 @@ class SandboxResult:
             return "pass"
         if self.status == "timeout":
             return "timeout"
+        if self.early_exit:
+            return EARLY_EXIT_REASON
         lines = [ln.strip() for ln in self.stderr.strip().splitlines() if ln.strip()]
         return (lines[-1] if lines else f"exit code {self.returncode}")[:200]
 
@@ -144,11 +155,11 @@ def _has_marker(pid: int, needle: bytes) -> bool:
         return False
 
 
-def _classify(returncode: int, timed_out: bool) -> SandboxStatus:
+def _classify(returncode: int, timed_out: bool, finished: bool) -> SandboxStatus:
     if timed_out or returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
         return "timeout"
     if returncode == 0:
-        return "pass"
+        return "pass" if finished else "fail"
     if returncode in (_EXIT_EXCEPTION, _EXIT_SETUP) or returncode < 0 or returncode >= 128:
         return "error"
     return "fail"
@@ -167,7 +178,9 @@ def run_python(
 ) -> SandboxResult:
     """Run `code` as a Python program in a fresh sandbox and classify the outcome.
 
-    pass: exit 0. fail: AssertionError or a nonzero exit the program chose (sys.exit). error: any
+    pass: the program ran to its last line and exited 0. fail: AssertionError, a nonzero exit the
+    program chose (sys.exit), or an exit with status 0 before its last line ran (`early_exit`,
+    reason EARLY_EXIT_REASON: sys.exit(0), os._exit(0), quit(), ...). error: any
     other exception (SyntaxError, NameError, MemoryError, ...) or death by a signal. timeout: wall
     clock `timeout_s` or CPU time `cpu_s` (default: timeout_s) ran out.
     """
@@ -177,7 +190,9 @@ def run_python(
     uid = _sandbox_uid(mode)
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="raypost-sandbox-"))
     marker = secrets.token_hex(8)
+    token = secrets.token_bytes(_TOKEN_BYTES)
     start = time.monotonic()
+    token_read = -1
     try:
         Path(workdir, "main.py").write_text(code, encoding="utf-8")
         shutil.copyfile(_BOOT, Path(workdir, "_boot.py"))
@@ -188,6 +203,7 @@ def run_python(
             "workdir": workdir,
             "mode": mode,
             "uid": uid,
+            "token_bytes": _TOKEN_BYTES,
             "limits": {
                 "cpu_s": max(1, int(cpu_s if cpu_s is not None else timeout_s + 1)),
                 "memory_mb": memory_mb,
@@ -196,14 +212,24 @@ def run_python(
                 "nofile": nofile,
             },
         }
-        python = [sys.executable, "-I", os.path.join(workdir, "_boot.py"), json.dumps(config)]
-        command = [*_unshare_command(), *python] if mode == "namespaces" else python
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", _MARKER_VAR: marker, **_SANDBOX_ENV_EXTRA}
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+                tempfile.TemporaryFile() as report:
+            # The token goes in by a pipe the supervisor empties and closes before the program
+            # starts (never argv, environment or a file); it comes back in `report`.
+            token_read, token_write = os.pipe()
+            os.write(token_write, token)
+            os.close(token_write)
+            config.update(token_fd=token_read, report_fd=report.fileno())
+            python = [sys.executable, "-I", os.path.join(workdir, "_boot.py"), json.dumps(config)]
+            command = [*_unshare_command(), *python] if mode == "namespaces" else python
             # Files, not pipes: a background child holding a pipe open cannot make us wait.
             proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True, close_fds=True)
+                                    stdout=out, stderr=err, start_new_session=True, close_fds=True,
+                                    pass_fds=(token_read, report.fileno()))
+            os.close(token_read)
+            token_read = -1
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s)
@@ -213,16 +239,22 @@ def run_python(
                 _kill_tree(proc, uid, marker)
                 proc.wait()
             stdout, stderr = _read_tail(out), _read_tail(err)
+            report.seek(0)
+            finished = secrets.compare_digest(report.read(_TOKEN_BYTES + 1), token)
+        status = _classify(proc.returncode, timed_out, finished)
         return SandboxResult(
-            status=_classify(proc.returncode, timed_out),
+            status=status,
             returncode=proc.returncode,
             stdout=stdout,
             stderr=stderr,
             seconds=time.monotonic() - start,
             isolation=mode,
             workdir=workdir,
+            early_exit=status == "fail" and proc.returncode in (0, _EXIT_EARLY),
         )
     finally:
+        if token_read >= 0:
+            os.close(token_read)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
