@@ -46,6 +46,8 @@ class EngineConfig(StrictModel):
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's own")
     dtype: str = "auto"
     batch_size: int = Field(16, ge=1, description="prompts per engine call")
+    cpu_threads: int | None = Field(None, ge=1, description="transformers on CPU: torch threads; default: the "
+                                    "actor's CPUs (Ray gives a 1-CPU actor one thread)")
     # openai backend
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"

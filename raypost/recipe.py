@@ -99,15 +99,22 @@ class RunContext:
 
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run the recipe's stages in order (or only the named ones); returns each stage's summary."""
+    """Run the recipe's stages in order (or only the named ones); returns each stage's summary
+    (with its wall time, `seconds`)."""
     import json
+    import time
 
     context = RunContext(recipe)
     context.output_dir.mkdir(parents=True, exist_ok=True)
     for stage in recipe.stages:
         if only and stage.name not in only and stage.kind not in only:
             continue
+        started = time.perf_counter()
         summary = runner_for(stage.kind)(stage, context)
+        seconds = time.perf_counter() - started
+        if isinstance(summary, dict):
+            summary = {**summary, "seconds": round(seconds, 1)}
         context.summaries[stage.name] = summary
+        print(f"stage {stage.name} ({stage.kind}) finished in {seconds:.0f}s", flush=True)
         (context.output_dir / "summary.json").write_text(json.dumps(context.summaries, indent=2, default=str))
     return context.summaries

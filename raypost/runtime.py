@@ -27,3 +27,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: elsewhere (AVX2 machines such as the 2-core ones raypost is tested
+    on) bf16 matmuls are emulated, several times slower than fp32."""
+    import torch
+
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def cpu_dtype(requested: str) -> str:
+    """The dtype a CPU engine loads a model in: `auto` (the checkpoint's own, bf16 for SmolLM2)
+    becomes float32 where the CPU has no native bf16."""
+    if requested != "auto" or cpu_has_native_bf16():
+        return requested
+    return "float32"

@@ -107,6 +107,11 @@ def test_help_on_each_command():
         assert "usage: raypost" in result.stdout
 
 
-def test_quickstart_recipe_is_valid():
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
-    assert recipe.stages[0].kind == "generate"
+def test_every_shipped_recipe_loads():
+    """Run from any working directory: data paths are found beside the recipe."""
+    for path in [*(REPO / "recipes").glob("*.yaml"), *(REPO / "recipes" / "examples").glob("*.yaml")]:
+        if path.name == "serve.yaml":
+            continue
+        assert load_recipe(path).stages, path
+    gsm8k = load_recipe(REPO / "recipes" / "examples" / "gsm8k.yaml")
+    assert gsm8k.stages[0].kind == "generate" and gsm8k.models.teacher == "packaged:smollm2-135m-instruct"

@@ -118,8 +118,8 @@ def test_procedural_teacher_counts_with_the_students_tokenizer(tiny_model):
     assert out.completion_tokens == 10 and out.finish_reason == "length"
 
 
-def test_testbed_recipe_is_valid():
-    recipe = load_recipe(REPO / "recipes" / "testbed.yaml")
+def test_quickstart_is_the_testbed():
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
     assert [s.kind for s in recipe.stages] == ["synth", "generate", "curate", "train", "train", "merge", "eval"]
     assert recipe.stages[1].engine.backend == "procedural"
 

@@ -23,11 +23,18 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            config.dtype, None
-        )
+        from raypost.runtime import cpu_dtype
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        requested = config.dtype if device == "cuda" else cpu_dtype(config.dtype)
+        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            requested, None
+        )
         self.device = device
+        if device == "cpu" and config.cpu_threads:
+            # Ray pins OMP_NUM_THREADS to the actor's CPUs; on one machine with one model actor
+            # at a time, the forward passes may use every core.
+            torch.set_num_threads(config.cpu_threads)
         self.hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or "auto").to(device).eval()
         self.max_model_len = config.max_model_len or getattr(self.hf_model.config, "max_position_embeddings", 2048)
 

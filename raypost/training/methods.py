@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from raypost.runtime import cpu_has_native_bf16
 from raypost.training.config import TrainConfig
 from raypost.training.deepspeed_config import deepspeed_config
 
@@ -40,13 +41,6 @@ def trainer_classes(method: str):
 def uses_bf16(config: TrainConfig) -> bool:
     """bf16 weights: GPU runs with `scaling.bf16`."""
     return config.scaling.use_gpu and config.scaling.bf16
-
-
-def cpu_has_native_bf16() -> bool:
-    import torch
-
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(probe is not None and probe() for probe in probes)
 
 
 def uses_cpu_bf16_autocast(config: TrainConfig) -> bool:
