@@ -124,6 +124,20 @@ def test_cpu_precision_is_bf16_autocast_only_where_the_cpu_has_it(tmp_path):
     assert uses_cpu_bf16_autocast(small_config("sft", scaling={"deepspeed": "zero2"})) is False
 
 
+def test_warmup_is_a_ratio_of_the_steps_or_a_step_count(tmp_path):
+    from raypost.training.methods import training_arguments
+
+    def warmup(**block):
+        config = TrainConfig.model_validate({"method": "sft", "sft": {"max_steps": 200, **block}})
+        return training_arguments(config, str(tmp_path), ["none"]).get_warmup_steps(200)
+
+    assert warmup() == 0
+    assert warmup(warmup_ratio=0.1) == 20
+    assert warmup(warmup_ratio=1.0) == 200      # all of them, not one step
+    assert warmup(warmup_steps=5) == 5
+    assert warmup(warmup_steps=5, warmup_ratio=0.5) == 5
+
+
 def test_row_packing_keeps_documents_apart(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM

@@ -32,7 +32,8 @@ class MethodBlock(StrictModel):
     per_device_train_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16, description="tokens per example (per packed row for SFT)")
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of the total steps spent warming up")
+    warmup_steps: int | None = Field(None, ge=0, description="warm-up in steps; wins over warmup_ratio")
     lr_scheduler_type: str = "linear"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -69,6 +69,16 @@ def method_arguments(config: TrainConfig) -> dict[str, Any]:
     return {"beta": block.beta, "max_length": block.max_length}
 
 
+def warmup_steps(block) -> float:
+    """transformers 5 has one knob, `warmup_steps`, read as a ratio of the total steps when below 1
+    and as steps otherwise: a ratio of 1.0 passed through would mean one step, not all of them."""
+    if block.warmup_steps is not None:
+        return block.warmup_steps
+    if block.warmup_ratio >= 1:
+        return 1.0 - 1e-9   # every step but (at most) the last warms up
+    return block.warmup_ratio
+
+
 def training_arguments(config: TrainConfig, output_dir: str, report_to: list[str]):
     import torch
 
@@ -83,7 +93,7 @@ def training_arguments(config: TrainConfig, output_dir: str, report_to: list[str
         num_train_epochs=block.num_train_epochs,
         max_steps=block.max_steps,
         lr_scheduler_type=block.lr_scheduler_type,
-        warmup_steps=block.warmup_ratio,  # transformers 5: a value < 1 is a ratio of the total steps
+        warmup_steps=warmup_steps(block),
         weight_decay=block.weight_decay,
         max_grad_norm=block.max_grad_norm,
         gradient_checkpointing=block.gradient_checkpointing,
