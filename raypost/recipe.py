@@ -106,6 +106,16 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict[
 
     context = RunContext(recipe)
     context.output_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = context.output_dir / "summary.json"
+    if only and summary_path.is_file():
+        # `raypost eval RECIPE` and friends run some stages: the others' summaries stay
+        try:
+            earlier = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            earlier = {}
+        if isinstance(earlier, dict):
+            context.summaries.update({name: earlier[name] for name in (s.name for s in recipe.stages)
+                                      if name in earlier})
     for stage in recipe.stages:
         if only and stage.name not in only and stage.kind not in only:
             continue
@@ -116,5 +126,5 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict[
             summary = {**summary, "seconds": round(seconds, 1)}
         context.summaries[stage.name] = summary
         print(f"stage {stage.name} ({stage.kind}) finished in {seconds:.0f}s", flush=True)
-        (context.output_dir / "summary.json").write_text(json.dumps(context.summaries, indent=2, default=str))
+        summary_path.write_text(json.dumps(context.summaries, indent=2, default=str))
     return context.summaries

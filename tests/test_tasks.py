@@ -142,6 +142,13 @@ def test_synth_stage_pool_feeds_the_procedural_teacher(tmp_path):
     rows = records.read_rows(tmp_path / "out" / "teacher")
     assert len(rows) == 24 and summaries["teacher"]["rows_rejected"] == 0
     assert all(verify_math(r["response"], r["reference"])[0] for r in rows)
+    assert summaries["teacher"]["seconds"] >= 0
+
+    # one stage again (as `raypost generate RECIPE` does): finished rows are skipped, and the
+    # run's summary.json keeps the other stages' summaries
+    again = run_recipe(load_recipe(path), only=["teacher"])
+    assert again["teacher"]["rows_written"] == 0 and again["teacher"]["rows_skipped"] == 24
+    assert set(json.loads((tmp_path / "out" / "summary.json").read_text())) == {"pool", "teacher"}
 
 
 def test_procedural_teacher_scores_100_on_the_held_out_set_per_level(tmp_path, ray_local):
