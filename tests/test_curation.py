@@ -397,6 +397,31 @@ def test_recipe_runs_generate_then_curate(ray_local, tiny_model, tmp_path, share
     assert len(kto) == 12 and all(r["label"] for r in kto)   # the reference engine's answers all verify
 
 
+def test_curate_input_path_is_found_beside_the_recipe(ray_local, tmp_path, monkeypatch):
+    import yaml
+
+    from raypost.config import RecipeError, load_recipe
+    from raypost.recipe import run_recipe
+
+    project = tmp_path / "project"
+    records.write_part(project / "answers", [prompt_row(f"p-{i}", f"What is {i} + {i}?", reference=f"#### {2 * i}",
+                                                        response=f"#### {2 * i}") for i in range(4)])
+    recipe = {"name": "c", "output_dir": str(tmp_path / "runs"),
+              "stages": [{"kind": "curate", "name": "cur", "input": "answers",
+                          "steps": [{"step": "dedup"}, {"step": "verify"}, {"step": "write"}]}]}
+    (project / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    summaries = run_recipe(load_recipe(project / "recipe.yaml"))
+    assert summaries["cur"]["rows_out"] == 4
+
+    recipe["stages"][0]["input"] = "answer"
+    (project / "typo.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"typo.yaml: stages.cur.input: 'answer' is neither a stage"):
+        run_recipe(load_recipe(project / "typo.yaml"))
+
+
 def test_example_recipe_validates():
     from raypost.config import load_recipe
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from raypost.config import RecipeError
+from raypost.config import RecipeError, resolve_data_path
 from raypost.curation.config import CurateStage
 from raypost.curation.pipeline import curate, load_rows
 
@@ -15,9 +15,12 @@ def input_path(stage: CurateStage, context) -> Path:
     names = [s.name for s in context.recipe.stages]
     if stage.input in names:
         return context.stage_dir(stage.input)
-    path = Path(stage.input).expanduser()
+    # like every data path: the working directory first, then beside the recipe
+    path = resolve_data_path(stage.input, context.recipe.source)
     if not path.exists():
-        raise RecipeError(f"stages.{stage.name}.input: {stage.input!r} is neither a stage ({names}) nor a path")
+        where = f"{context.recipe.source}: " if context.recipe.source else ""
+        raise RecipeError(f"{where}stages.{stage.name}.input: {stage.input!r} is neither a stage ({names}) "
+                          f"nor a path (looked in the working directory and beside the recipe)")
     return path
 
 
