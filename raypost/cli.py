@@ -35,6 +35,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="a.b=value", help="override recipe fields")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print which stages would run and why (changed settings or inputs), run nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +72,14 @@ def _run_recipe(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.only and not any(s.kind in args.only for s in recipe.stages):
         raise RecipeError(f"{args.recipe}: stages: no stage of kind {args.only[0]!r} in this recipe")
-    ensure_ray(args.address)
-    summaries = run_recipe(recipe, only=args.only)
+    if args.dry_run:
+        from raypost.recipe import RunContext
+
+        for decision in RunContext(recipe).plan(args.only):
+            print(decision.line())
+        return 0
+    # Ray starts only when a stage has work to do: a rerun of an up-to-date recipe needs none
+    summaries = run_recipe(recipe, only=args.only, before_first_run=lambda: ensure_ray(args.address))
     print(f"done: {len(summaries)} stage(s); summary in {recipe.resolved_output_dir() / 'summary.json'}")
     return 0
 

@@ -115,8 +115,12 @@ def _format_location(location: tuple[Any, ...], stage_kinds: set[str]) -> str:
 def format_validation_error(source: str, error: ValidationError, stage_kinds: set[str]) -> str:
     lines = []
     for item in error.errors():
-        where = _format_location(tuple(item["loc"]), stage_kinds)
         message = item["msg"]
+        if not item["loc"] and item["type"] == "value_error":
+            # a recipe-wide check names its own field paths, one problem per line
+            lines.extend(f"{source}: {line}" for line in message.removeprefix("Value error, ").splitlines())
+            continue
+        where = _format_location(tuple(item["loc"]), stage_kinds)
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "missing":
@@ -140,10 +144,15 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any, source: st
     """Set data[a][b]... = value. In `stages`, an element is addressed by index or by name."""
     node: Any = data
     for depth, key in enumerate(path[:-1]):
+        # Copy each node on the way down: a YAML anchor shares one object between places, and
+        # an override names one place.
         if isinstance(node, list):
-            node = node[_list_index(node, key, path, source)]
+            index = _list_index(node, key, path, source)
+            node[index] = _shallow_copy(node[index])
+            node = node[index]
         elif isinstance(node, dict):
-            node = node.setdefault(key, {})
+            node[key] = _shallow_copy(node.get(key, {}))
+            node = node[key]
         else:
             raise RecipeError(f"{source}: override {'.'.join(path)}: {'.'.join(path[:depth])} is not a mapping")
     last = path[-1]
@@ -153,6 +162,10 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any, source: st
         node[last] = value
     else:
         raise RecipeError(f"{source}: override {'.'.join(path)}: parent is not a mapping")
+
+
+def _shallow_copy(node: Any) -> Any:
+    return dict(node) if isinstance(node, dict) else list(node) if isinstance(node, list) else node
 
 
 def _list_index(node: list[Any], key: str, path: list[str], source: str) -> int:

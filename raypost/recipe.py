@@ -7,12 +7,13 @@ runner is a thin wrapper that calls the stage's plain Python function.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Callable, Union
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
-from raypost.config import ModelsConfig, Resources, StrictModel
+from raypost.config import ModelsConfig, RecipeError, Resources, StrictModel, resolve_data_path
 from raypost.curation.config import CurateStage
 from raypost.evaluation.config import EvalStage
 from raypost.generation.config import GenerateStage
@@ -36,6 +37,57 @@ def stage_kinds() -> set[str]:
     return set(STAGES)
 
 
+# Stage kinds that export a checkpoint to `<stage dir>/model`: what `stage:NAME` names as a model.
+MODEL_STAGES = {"train", "merge"}
+STAGE_PREFIX = "stage:"
+# Fields that name a model: a name from `models`, a model reference, or stage:NAME.
+MODEL_FIELDS = {"model", "models", "base_model", "scorer_model", "tokenizer"}
+# Fields that name an earlier stage's output directory (or, failing that, a path).
+OUTPUT_FIELDS = {"stage", "input"}
+# Fields that name a data file or directory the stage reads.
+PATH_FIELDS = {"path", "data_path", "shots_path"}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One thing a stage reads, found in its config: an earlier stage's model or output, a model
+    by name or reference, or a data path. `field` is the path inside the stage (`models[1]`)."""
+
+    field: str
+    stage: str | None = None
+    model: str | None = None
+    path: str | None = None
+
+    @property
+    def wants_model(self) -> bool:
+        return self.field.split(".")[-1].split("[")[0] in MODEL_FIELDS
+
+
+def stage_references(stage, stage_names: set[str]) -> list[Reference]:
+    """Every reference in one stage's config: the one place that knows how stages name each other."""
+    found: list[Reference] = []
+
+    def walk(node: Any, where: str, key: str | None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else k, k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]", key)
+        elif isinstance(node, str) and key is not None:
+            if node.startswith(STAGE_PREFIX):
+                found.append(Reference(where, stage=node[len(STAGE_PREFIX):]))
+            elif key in MODEL_FIELDS:
+                found.append(Reference(where, model=node))
+            elif key in OUTPUT_FIELDS:
+                found.append(Reference(where, stage=node) if node in stage_names else Reference(where, path=node))
+            elif key in PATH_FIELDS:
+                found.append(Reference(where, path=node))
+
+    walk({k: v for k, v in stage.model_dump(exclude_none=True).items() if k not in ("name", "kind")}, "", None)
+    return found
+
+
 StageConfig = Annotated[Union[tuple(cls for cls, _ in STAGES.values())], Field(discriminator="kind")]
 
 
@@ -55,6 +107,33 @@ class Recipe(StrictModel):
             if stage.name in seen:
                 raise ValueError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
             seen.add(stage.name)
+        return self
+
+    @model_validator(mode="after")
+    def _references_resolve(self, info: ValidationInfo) -> "Recipe":
+        """A typo in a stage reference fails when the recipe loads, not after the stages
+        before it have run."""
+        recipe_path = (info.context or {}).get("recipe_path")
+        names = [stage.name for stage in self.stages]
+        problems = []
+        for i, stage in enumerate(self.stages):
+            for ref in stage_references(stage, set(names)):
+                where = f"stages[{i}].{ref.field}"
+                if ref.stage is not None:
+                    if ref.stage not in names[:i]:
+                        later = f" (stages[{names.index(ref.stage)}] comes later)" if ref.stage in names else ""
+                        problems.append(f"{where}: no stage named {ref.stage!r} before this one{later}; "
+                                        f"earlier stages: {names[:i]}")
+                    elif ref.wants_model and self.stages[names.index(ref.stage)].kind not in MODEL_STAGES:
+                        kind = self.stages[names.index(ref.stage)].kind
+                        problems.append(f"{where}: stage {ref.stage!r} is a {kind} stage and exports no model "
+                                        f"(only {sorted(MODEL_STAGES)} stages do)")
+                elif ref.path is not None and ref.field.split(".")[-1] in OUTPUT_FIELDS:
+                    if not resolve_data_path(ref.path, recipe_path).exists():
+                        problems.append(f"{where}: {ref.path!r} is neither an earlier stage ({names[:i]}) nor a "
+                                        "path (looked in the working directory and beside the recipe)")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -92,17 +171,73 @@ class RunContext:
         return self.output_dir / name
 
     def model_reference(self, name_or_ref: str) -> str:
+        """A model as a stage names it: `stage:NAME` is the checkpoint that train or merge
+        stage exported (it must exist by now); anything else goes through `models`."""
+        if name_or_ref.startswith(STAGE_PREFIX):
+            name = name_or_ref[len(STAGE_PREFIX):]
+            path = self.stage_dir(name) / "model"
+            if not (path / "config.json").is_file():
+                raise RecipeError(f"model {name_or_ref!r}: {path} holds no exported checkpoint; run stage {name!r} first")
+            return str(path)
         return self.recipe.models.lookup(name_or_ref)
+
+    def stage_output(self, name_or_path: str) -> Path:
+        """A field that names an earlier stage's output directory, or else a data path."""
+        if name_or_path in {stage.name for stage in self.recipe.stages}:
+            return self.stage_dir(name_or_path)
+        return resolve_data_path(name_or_path, self.recipe.source)
+
+    def identity(self, reference: Reference, digests: dict[str, str]) -> str | None:
+        """What a reference points at, by content (see raypost.manifest)."""
+        from raypost import manifest
+
+        if reference.stage is not None:
+            return digests.get(reference.stage)
+        if reference.model is not None:
+            try:
+                return manifest.model_identity(self.recipe.models.lookup(reference.model))
+            except RecipeError:
+                return None  # a `models` name left unset: the stage fails on it if it uses it
+        path = self.stage_output(reference.path)
+        return manifest.content_digest(path) if path.exists() else None
+
+    def manifest_for(self, stage, digests: dict[str, str]) -> dict[str, Any]:
+        from raypost import manifest
+
+        references = stage_references(stage, {s.name for s in self.recipe.stages})
+        return {
+            "kind": stage.kind,
+            "settings": manifest.settings_of(stage.model_dump(mode="json", exclude={"name"})),
+            "reads": {ref.field: self.identity(ref, digests) for ref in references},
+        }
+
+    def plan(self, only: list[str] | None = None) -> list:
+        """What a run would do with each selected stage, and why (raypost.manifest.Decision)."""
+        from raypost import manifest
+
+        digests: dict[str, str] = {}
+        decisions = []
+        for stage in self.recipe.stages:
+            decision = manifest.decide(stage.name, stage.kind, self.stage_dir(stage.name),
+                                       self.manifest_for(stage, digests))
+            digests[stage.name] = decision.digest
+            if not only or stage.name in only or stage.kind in only:
+                decisions.append(decision)
+        return decisions
 
     def resources_for(self, stage) -> Resources:
         return getattr(stage, "resources", None) or self.recipe.resources
 
 
-def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run the recipe's stages in order (or only the named ones); returns each stage's summary
-    (with its wall time, `seconds`)."""
+def run_recipe(recipe: Recipe, only: list[str] | None = None,
+               before_first_run: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the recipe's stages in order (or only the named ones), skipping those that are up to
+    date (raypost.manifest); returns each stage's summary (with its wall time, `seconds`).
+    `before_first_run` is called once, before the first stage that runs (e.g. to start Ray)."""
     import json
     import time
+
+    from raypost import manifest
 
     context = RunContext(recipe)
     context.output_dir.mkdir(parents=True, exist_ok=True)
@@ -116,14 +251,26 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict[
         if isinstance(earlier, dict):
             context.summaries.update({name: earlier[name] for name in (s.name for s in recipe.stages)
                                       if name in earlier})
-    for stage in recipe.stages:
-        if only and stage.name not in only and stage.kind not in only:
+    for decision in context.plan(only):
+        stage = recipe.stage(decision.stage)
+        stage_dir = context.stage_dir(stage.name)
+        print(decision.line(), flush=True)
+        if decision.action == "skip":
+            context.summaries[stage.name] = {**(decision.summary or {}), "up_to_date": True}
+            summary_path.write_text(json.dumps(context.summaries, indent=2, default=str))
             continue
+        if before_first_run is not None:
+            before_first_run()
+            before_first_run = None
+        # A later stage's manifest names this one's digest, so re-planning after it runs is not
+        # needed: what it reads is what was planned.
+        manifest.begin(stage_dir, decision)
         started = time.perf_counter()
         summary = runner_for(stage.kind)(stage, context)
         seconds = time.perf_counter() - started
         if isinstance(summary, dict):
             summary = {**summary, "seconds": round(seconds, 1)}
+        manifest.finish(stage_dir, decision, summary)
         context.summaries[stage.name] = summary
         print(f"stage {stage.name} ({stage.kind}) finished in {seconds:.0f}s", flush=True)
         summary_path.write_text(json.dumps(context.summaries, indent=2, default=str))

@@ -115,3 +115,48 @@ def test_every_shipped_recipe_loads():
         assert load_recipe(path).stages, path
     gsm8k = load_recipe(REPO / "recipes" / "examples" / "gsm8k.yaml")
     assert gsm8k.stages[0].kind == "generate" and gsm8k.models.teacher == "packaged:smollm2-135m-instruct"
+
+
+def _pipeline(**stage_changes):
+    """synth -> generate -> train -> merge -> eval, with one field of one stage replaced."""
+    stages = [
+        {"kind": "synth", "name": "pool", "n": 8},
+        {"kind": "generate", "name": "teacher", "input": {"stage": "pool"}, "engine": {"backend": "procedural"}},
+        {"kind": "train", "name": "sft", "method": "sft", "dataset": {"stage": "teacher"}},
+        {"kind": "merge", "name": "merged", "method": "linear", "models": ["stage:sft", "student"]},
+        {"kind": "eval", "name": "eval", "models": ["student", "stage:merged"], "benchmarks": ["arith"]},
+    ]
+    for key, value in stage_changes.items():
+        index, field = key.split("__", 1)
+        stages[int(index[1:])][field] = value
+    return {"name": "t", "models": {"teacher": "procedural:arith", "student": "packaged:smollm2-135m-instruct"},
+            "stages": stages}
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"s3__models": ["stage:sft", "stage:mergd"]},
+         "stages[3].models[1]: no stage named 'mergd' before this one; earlier stages: ['pool', 'teacher', 'sft']"),
+        ({"s2__dataset": {"stage": "merged"}}, "stages[2].dataset.stage: no stage named 'merged' before this one "
+                                               "(stages[3] comes later)"),
+        ({"s2__model": "stage:teacher"}, "stages[2].model: stage 'teacher' is a generate stage and exports no model"),
+        ({"s4__models": ["stage:pool"]}, "stages[4].models[0]: stage 'pool' is a synth stage and exports no model"),
+        ({"s1__input": {"stage": "pol"}}, "stages[1].input.stage: 'pol' is neither an earlier stage (['pool']) nor a path"),
+    ],
+    ids=["typo", "later-stage", "not-a-model-stage", "eval-of-data", "unknown-input"],
+)
+def test_stage_references_are_checked_when_the_recipe_loads(tmp_path, changes, expected):
+    assert load_recipe(write(tmp_path, _pipeline())).stages[4].models == ["student", "stage:merged"]
+    path = write(tmp_path, _pipeline(**changes))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == f"{path}: {expected}" or str(error.value).startswith(f"{path}: {expected}")
+
+
+def test_an_override_changes_one_place_even_under_a_yaml_anchor(tmp_path):
+    # safe_dump writes the one shared `sampling` dict as an anchor and an alias
+    text = yaml.safe_dump({**GOOD, "stages": [{**GOOD["stages"][0], "name": n} for n in ("a", "b")]})
+    assert "sampling: *id" in text
+    recipe = load_recipe(write(tmp_path, text), ["stages.b.sampling.max_tokens=32"])
+    assert [s.sampling.max_tokens for s in recipe.stages] == [16, 32]

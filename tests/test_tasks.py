@@ -124,7 +124,7 @@ def test_quickstart_is_the_testbed():
     assert recipe.stages[1].engine.backend == "procedural"
 
 
-def test_synth_stage_pool_feeds_the_procedural_teacher(tmp_path):
+def test_synth_stage_pool_feeds_the_procedural_teacher(tmp_path, capsys):
     """synth -> generate on a real local Ray: every pool problem is answered, and correctly."""
     from raypost import records
     from raypost.recipe import run_recipe
@@ -144,11 +144,24 @@ def test_synth_stage_pool_feeds_the_procedural_teacher(tmp_path):
     assert all(verify_math(r["response"], r["reference"])[0] for r in rows)
     assert summaries["teacher"]["seconds"] >= 0
 
-    # one stage again (as `raypost generate RECIPE` does): finished rows are skipped, and the
-    # run's summary.json keeps the other stages' summaries
+    # one stage again (as `raypost generate RECIPE` does): it is up to date, and the run's
+    # summary.json keeps the other stages' summaries
     again = run_recipe(load_recipe(path), only=["teacher"])
-    assert again["teacher"]["rows_written"] == 0 and again["teacher"]["rows_skipped"] == 24
+    assert again["teacher"]["up_to_date"] and again["teacher"]["rows_written"] == 24
     assert set(json.loads((tmp_path / "out" / "summary.json").read_text())) == {"pool", "teacher"}
+
+    # --dry-run says what would run and why, and runs nothing
+    from raypost.cli import main
+
+    assert main(["run", str(path), "stages.teacher.sampling.temperature=0.7", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "stage pool (synth): up to date",
+        "stage teacher (generate): runs: changed: settings.sampling.temperature; starting fresh"]
+    # another temperature is another stage: none of the old rows is reused
+    hot = run_recipe(load_recipe(path, ["stages.teacher.sampling.temperature=0.7"]))
+    assert hot["pool"]["up_to_date"] and not hot["teacher"].get("up_to_date")
+    assert hot["teacher"]["rows_written"] == 24 and hot["teacher"]["rows_skipped"] == 0
+    assert len(records.read_rows(tmp_path / "out" / "teacher")) == 24
 
 
 def test_procedural_teacher_scores_100_on_the_held_out_set_per_level(tmp_path, ray_local):

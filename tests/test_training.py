@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from raypost.models.tiny import make_tiny_model
 from raypost.training import DatasetError, TrainConfig, TrainError, load_training_rows, train
 from raypost.training.callbacks import CrashOnceCallback
 
@@ -283,11 +285,17 @@ def test_recipe_two_stage_sft_then_kto(tmp_path, tiny_model, ray_local):
         "models": {"student": str(tiny_model)},
         "stages": [
             {"kind": "train", "name": "sft", "method": "sft", "model": "student",
-             "dataset": {"stage": "curated", "split": "sft"}, "sft": block, "tracking": {"backend": "tensorboard"}},
+             "dataset": {"path": str(tmp_path / "runs" / "curated" / "sft")}, "sft": block, "tracking": {"backend": "tensorboard"}},
             {"kind": "train", "name": "kto", "method": "kto", "model": "stage:sft",
-             "dataset": {"stage": "curated", "split": "kto"}, "kto": block},
+             "dataset": {"path": str(tmp_path / "runs" / "curated" / "kto")}, "kto": block},
         ],
     }
+    # the student by path: its identity is its content, not where it lives
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model, student)
+    recipe["models"]["student"] = str(student)
+    recipe["stages"].append({"kind": "merge", "name": "merged", "method": "linear",
+                             "models": ["stage:sft", "student"]})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     summaries = run_recipe(load_recipe(path))
@@ -296,5 +304,20 @@ def test_recipe_two_stage_sft_then_kto(tmp_path, tiny_model, ray_local):
     assert_loads(summaries["kto"]["model_dir"])
     # KTO started from the SFT export, not from the base model
     assert summaries["kto"]["base_model"] == str((tmp_path / "runs" / "sft" / "model").resolve())
-    again = run_recipe(load_recipe(path))
-    assert again["sft"]["skipped"] and again["kto"]["skipped"]
+
+    def ran(summaries):
+        return {name for name, s in summaries.items() if not s.get("up_to_date")}
+
+    # a second run runs nothing, and says so
+    assert ran(run_recipe(load_recipe(path))) == set()
+    # one training setting changed: that stage and what reads it run, the others do not
+    assert ran(run_recipe(load_recipe(path, ["stages.kto.kto.learning_rate=1e-3"]))) == {"kto"}
+    assert ran(run_recipe(load_recipe(path, ["stages.kto.kto.learning_rate=1e-3",
+                                             "stages.sft.sft.max_steps=3"]))) == {"sft", "kto", "merged"}
+    # a model retrained into the same path is another model: the merge that reads it runs again
+    merged_before = (tmp_path / "runs" / "merged" / "manifest.json").read_text()
+    shutil.rmtree(student)
+    make_tiny_model(student, seed=7)
+    again = run_recipe(load_recipe(path, ["stages.kto.kto.learning_rate=1e-3", "stages.sft.sft.max_steps=3"]))
+    assert ran(again) == {"sft", "kto", "merged"}
+    assert (tmp_path / "runs" / "merged" / "manifest.json").read_text() != merged_before

@@ -19,10 +19,8 @@ from raypost.evaluation.harness import EvalSummary, evaluate
 def model_reference(entry: str, context) -> tuple[str, str]:
     """(reference, label) for one entry of `models`: `stage:<name>` is the model a train or
     merge stage exported to `<its stage dir>/model`."""
-    if entry.startswith("stage:"):
-        stage_name = entry.split(":", 1)[1]
-        return str(context.stage_dir(stage_name) / "model"), f"stage-{stage_name}"
-    return context.model_reference(entry), re.sub(r"[^A-Za-z0-9._-]+", "-", entry).strip("-") or "model"
+    label = re.sub(r"[^A-Za-z0-9._-]+", "-", entry).strip("-") or "model"
+    return context.model_reference(entry), label
 
 
 def results_table(summaries: dict[str, dict[str, EvalSummary]]) -> str:

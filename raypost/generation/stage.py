@@ -13,7 +13,7 @@ from raypost.generation.pipeline import generate
 def load_input(input_config: InputConfig, context) -> records.LoadedPrompts:
     """Prompt rows from a file, or from an earlier stage's Parquet output (already in schema)."""
     if input_config.stage is not None:
-        path = context.stage_dir(input_config.stage)
+        path = context.stage_output(input_config.stage)
         fmt = records.PromptFormat(prompt_field="messages", id_field="id", reference_field="reference")
     else:
         path = Path(input_config.path)
