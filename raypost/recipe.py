@@ -119,18 +119,19 @@ class Recipe(StrictModel):
         for i, stage in enumerate(self.stages):
             for ref in stage_references(stage, set(names)):
                 where = f"stages[{i}].{ref.field}"
+                earlier = names[:i] or "none"
                 if ref.stage is not None:
                     if ref.stage not in names[:i]:
                         later = f" (stages[{names.index(ref.stage)}] comes later)" if ref.stage in names else ""
                         problems.append(f"{where}: no stage named {ref.stage!r} before this one{later}; "
-                                        f"earlier stages: {names[:i]}")
+                                        f"earlier stages: {earlier}")
                     elif ref.wants_model and self.stages[names.index(ref.stage)].kind not in MODEL_STAGES:
                         kind = self.stages[names.index(ref.stage)].kind
                         problems.append(f"{where}: stage {ref.stage!r} is a {kind} stage and exports no model "
                                         f"(only {sorted(MODEL_STAGES)} stages do)")
                 elif ref.path is not None and ref.field.split(".")[-1] in OUTPUT_FIELDS:
                     if not resolve_data_path(ref.path, recipe_path).exists():
-                        problems.append(f"{where}: {ref.path!r} is neither an earlier stage ({names[:i]}) nor a "
+                        problems.append(f"{where}: {ref.path!r} is neither an earlier stage ({earlier}) nor a "
                                         "path (looked in the working directory and beside the recipe)")
         if problems:
             raise ValueError("\n".join(problems))

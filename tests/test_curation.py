@@ -418,7 +418,8 @@ def test_curate_input_path_is_found_beside_the_recipe(ray_local, tmp_path, monke
 
     recipe["stages"][0]["input"] = "answer"
     (project / "typo.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(RecipeError, match=r"typo.yaml: stages.cur.input: 'answer' is neither a stage"):
+    with pytest.raises(RecipeError, match=r"typo.yaml: stages\[0\].input: 'answer' is neither an earlier stage "
+                                          r"\(none\) nor a path"):
         run_recipe(load_recipe(project / "typo.yaml"))
 
 

@@ -323,12 +323,12 @@ def test_merge_stage_runs_once_and_chains(models, tmp_path):
 
     written = (soup / "model.safetensors").stat().st_mtime_ns
     again = run_recipe(load_recipe(recipe_path))
-    assert again["soup"]["skipped"] and again["ties"]["skipped"]
+    assert again["soup"]["up_to_date"] and again["ties"]["up_to_date"]
     assert (soup / "model.safetensors").stat().st_mtime_ns == written
 
     # A changed request re-merges.
     summaries = run_recipe(load_recipe(recipe_path, ["stages.soup.weights=[0.9, 0.1]"]), only=["soup"])
-    assert "skipped" not in summaries["soup"]
+    assert "up_to_date" not in summaries["soup"]
     expected = (0.9 * tensor(models[1], Q) + 0.1 * tensor(models[2], Q))
     assert (load_all(soup)[Q].double() - expected).abs().max() < 1e-6
 

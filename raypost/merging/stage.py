@@ -1,11 +1,14 @@
-"""The `merge` recipe stage: a thin wrapper over `merge_checkpoints()`."""
+"""The `merge` recipe stage: a thin wrapper over `merge_checkpoints()`.
+
+Whether a finished merge is still up to date is the recipe's manifest's call (raypost.manifest), by
+the content of the models it reads, so this stage always merges when it is asked to."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from raypost.merging.config import MergeStage
-from raypost.merging.merge import merge_checkpoints, merge_spec, read_marker
+from raypost.merging.merge import merge_checkpoints
 
 
 def run_merge_stage(stage: MergeStage, context) -> dict[str, Any]:
@@ -15,10 +18,6 @@ def run_merge_stage(stage: MergeStage, context) -> dict[str, Any]:
     arguments = dict(method=stage.method, weights=stage.weights, base_model=base_model, t=stage.t,
                      density=stage.density, normalize=stage.normalize, rescale=stage.rescale, seed=stage.seed,
                      dtype=stage.dtype)
-    finished = read_marker(output)
-    if finished is not None and finished.get("request") == merge_spec(models, **arguments):
-        print(f"merge[{stage.method}]: {output} is already complete; nothing to do", flush=True)
-        return {**finished["summary"], "skipped": True}
     summary = merge_checkpoints(models, output, max_shard_size=stage.max_shard_size,
                                 cache_dir=context.recipe.cache_dir, overwrite=True, **arguments)
     print(summary.line(), flush=True)
