@@ -192,16 +192,19 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()):
-    """Read, override and validate a recipe. Raises RecipeError with a one-line-per-problem message."""
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), schema=None):
+    """Read, override and validate a recipe (`schema`: another top-level model, e.g. a loop's).
+    Raises RecipeError with a one-line-per-problem message."""
     from raypost.recipe import Recipe, stage_kinds
+
+    schema = schema or Recipe
 
     data = read_yaml(path)
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value, str(path))
     try:
-        recipe = Recipe.model_validate(data, context={"recipe_path": Path(path)})
+        recipe = schema.model_validate(data, context={"recipe_path": Path(path)})
     except ValidationError as error:
         raise RecipeError(format_validation_error(str(path), error, stage_kinds())) from None
     recipe.source = Path(path)

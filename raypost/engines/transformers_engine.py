@@ -146,6 +146,39 @@ class TransformersEngine:
             )
         return result
 
+    def load_weights(self, model_path: str) -> None:
+        """New weights of the same architecture, in place: no new process, no new tokenizer
+        (the closed loop syncs each round's trained student this way)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.hf_model.dtype)
+        with torch.no_grad():
+            missing, unexpected = self.hf_model.load_state_dict(fresh.state_dict(), strict=False)
+        if unexpected or any("lm_head" not in name for name in missing):
+            raise ValueError(f"{model_path}: weights do not fit the running model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.hf_model.eval()
+
+    def answer_losses(self, requests: Sequence[Request], answers: Sequence[str]) -> list[tuple[float, float]]:
+        """(mean, summed) token loss of each given answer as the assistant's turn after the prompt."""
+        import torch
+
+        out = []
+        for request, answer in zip(requests, answers):
+            prompt = render_prompt(self.tokenizer, request.messages)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"][: self.max_model_len - len(prompt_ids)]
+            if not answer_ids:
+                out.append((0.0, 0.0))
+                continue
+            ids = torch.tensor([prompt_ids + answer_ids], device=self.device)
+            with torch.inference_mode():
+                logits = self.hf_model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+            losses = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids):], reduction="none")
+            out.append((float(losses.mean()), float(losses.sum())))
+        return out
+
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         from raypost.engines.chat import count_prompt_tokens
 

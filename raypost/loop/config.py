@@ -1,0 +1,200 @@
+"""Config of a closed loop (`raypost loop RECIPE`): pool, student, teacher, budget, selection.
+
+A loop recipe is a YAML file with `name`, `output_dir`, `models` like any recipe and a `loop:`
+section mirrored by `LoopConfig`. What cannot work is refused when the file loads (exit 2, with
+the field path): a budget below one request, a strategy that needs gold answers on a pool without
+them, a teacher that cannot write new problems asked to rewrite.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+
+from raypost.config import (EngineConfig, ModelsConfig, Resources, SamplingConfig, StrictModel,
+                            existing_data_path)
+from raypost.tasks.arith import SYSTEM_PROMPT, parse_levels
+from raypost.training.config import TrainConfig
+
+# Strategies that rank by the student's own answer, by the gold answer, or by neither.
+STRATEGIES = ("loss_self", "loss_gold", "first_token_entropy", "max_cot_entropy", "margin", "random", "static")
+NEEDS_GOLD = {"loss_gold"}
+# Engines that can write a new problem from a seed (a model, or the procedural simulator).
+CANNOT_REWRITE = {"reference"}
+
+
+class PoolSynth(StrictModel):
+    family: Literal["arith"] = "arith"
+    n: int = Field(ge=1)
+    levels: str = "1-4"
+    seed: int = 0
+    distractors: float = Field(0.3, ge=0)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: str) -> str:
+        parse_levels(value)
+        return value
+
+
+class PoolConfig(StrictModel):
+    """Seed questions: a GSM8K-format JSONL (`question`, `answer`, optional group column) or a
+    `synth` spec of the testbed."""
+
+    path: str | None = None
+    synth: PoolSynth | None = None
+    question_field: str = "question"
+    answer_field: str | None = Field("answer", description="gold answers (ending '#### N'); null: none")
+    group_by: str | None = Field("level", description="column that names a row's group (quotas, per-group report)")
+    system_prompt: str | None = SYSTEM_PROMPT
+
+    _path = field_validator("path")(existing_data_path)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PoolConfig":
+        if (self.path is None) == (self.synth is None):
+            raise ValueError("give exactly one of `path` or `synth`")
+        return self
+
+    @property
+    def has_gold(self) -> bool:
+        return self.synth is not None or self.answer_field is not None
+
+
+class StudentConfig(StrictModel):
+    model: str = Field("student", description="a name from `models` or a model reference")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(backend="transformers"))
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=256))
+    resources: Resources = Field(default_factory=Resources)
+
+
+class TeacherConfig(StrictModel):
+    model: str = Field("procedural:arith", description="a name from `models` or a model reference")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(backend="procedural"))
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=320))
+    mode: Literal["rewrite", "answer"] = Field(
+        "rewrite", description="rewrite: write a new problem from each seed and solve it (the paper); "
+                               "answer: answer the seed itself")
+    resources: Resources = Field(default_factory=lambda: Resources(cpus_per_actor=0.5))
+
+    @model_validator(mode="after")
+    def _can_rewrite(self) -> "TeacherConfig":
+        if self.mode == "rewrite" and self.engine.backend in CANNOT_REWRITE:
+            raise ValueError(f"engine.backend {self.engine.backend!r} only replays gold answers and cannot write "
+                             "new problems: use mode: answer, or a model or the procedural teacher")
+        return self
+
+
+class BudgetConfig(StrictModel):
+    """The teacher budget of the whole loop. Each limit given is a cap; the loop stops at the first.
+
+    A request is sent only when its worst case (prompt tokens plus max_tokens per sample) still
+    fits, so the totals never pass a cap."""
+
+    requests: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1, description="prompt + completion tokens")
+    cost_usd: float | None = Field(None, gt=0)
+    price_per_1k_tokens: float = Field(0.0, ge=0, description="USD per 1k teacher tokens (for cost_usd)")
+    per_round: list[float] | None = Field(None, description="share of the budget per round (default even)")
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> "BudgetConfig":
+        if self.requests is None and self.tokens is None and self.cost_usd is None:
+            raise ValueError("give at least one of requests, tokens, cost_usd")
+        if self.cost_usd is not None and self.price_per_1k_tokens <= 0:
+            raise ValueError("cost_usd needs price_per_1k_tokens > 0")
+        if self.per_round is not None and (any(s < 0 for s in self.per_round) or sum(self.per_round) <= 0):
+            raise ValueError("per_round: shares must be >= 0 and sum to more than 0")
+        return self
+
+
+class SelectionConfig(StrictModel):
+    strategy: Literal[STRATEGIES] = "loss_self"
+    reduce: Literal["mean", "sum"] = Field("mean", description="loss_self / loss_gold: mean or summed token loss")
+    proportional: bool = Field(False, description="sample seeds in proportion to score instead of the top-m")
+    skip_solved: bool = Field(False, description="learnability filter: skip seeds the student already answers "
+                                                 "correctly (needs gold answers)")
+    quota_by: str | None = Field(None, description="split each round's requests evenly over this group column")
+    logprobs: int = Field(5, ge=1, le=20, description="top-k logprobs kept for entropy and margin")
+
+
+class EvalConfig(StrictModel):
+    path: str = Field("data/arith/test.jsonl", description="held-out set, GSM8K format")
+    limit: int | None = Field(None, ge=1, description="first N items per group, in file order")
+    group_by: str | None = "level"
+    max_tokens: int = Field(256, ge=1)
+
+    _path = field_validator("path")(existing_data_path)
+
+
+class LoopConfig(StrictModel):
+    pool: PoolConfig
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    budget: BudgetConfig
+    rounds: int = Field(3, ge=1)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    train_on: Literal["all", "new"] = Field("all", description="each round trains on all data so far, or the new")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LoopConfig":
+        needs_gold = self.selection.strategy in NEEDS_GOLD or self.selection.skip_solved
+        if needs_gold and not self.pool.has_gold:
+            what = "skip_solved" if self.selection.skip_solved else f"strategy {self.selection.strategy!r}"
+            raise ValueError(f"selection: {what} needs gold answers and pool.answer_field is null")
+        if self.selection.strategy == "loss_gold" and self.student.engine.backend != "transformers":
+            raise ValueError("selection.strategy loss_gold scores the gold answer with the student's own forward "
+                             "pass: student.engine.backend must be transformers")
+        if self.budget.per_round is not None and len(self.budget.per_round) != self.rounds:
+            raise ValueError(f"budget.per_round has {len(self.budget.per_round)} shares for {self.rounds} rounds")
+        worst = self.teacher.sampling.max_tokens * self.teacher.sampling.n
+        if self.budget.tokens is not None and self.budget.tokens < worst:
+            raise ValueError(f"budget.tokens {self.budget.tokens} is below one teacher request "
+                             f"(max_tokens {self.teacher.sampling.max_tokens} x n {self.teacher.sampling.n})")
+        if self.budget.cost_usd is not None and self.budget.cost_usd < worst / 1000 * self.budget.price_per_1k_tokens:
+            raise ValueError(f"budget.cost_usd {self.budget.cost_usd} is below one teacher request")
+        return self
+
+    def shares(self) -> list[float]:
+        """Share of the budget for each round; the static baseline spends it all before training."""
+        if self.selection.strategy == "static":
+            return [1.0]
+        shares = self.budget.per_round or [1.0] * self.rounds
+        total = sum(shares)
+        return [s / total for s in shares]
+
+
+class LoopRecipe(StrictModel):
+    name: str
+    output_dir: str = Field("runs/{name}", description="the loop writes everything under this directory")
+    cache_dir: str | None = None
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    loop: LoopConfig
+    _source: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _models_named(self, info: ValidationInfo) -> "LoopRecipe":
+        for role in ("student", "teacher"):
+            reference = getattr(self.loop, role).model
+            if reference in ("student", "teacher") and getattr(self.models, reference) is None:
+                raise ValueError(f"loop.{role}.model: {reference!r} names models.{reference}, which is not set")
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @source.setter
+    def source(self, value: Path | None) -> None:
+        self._source = value
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name)).expanduser()
+
+    def model(self, role: str) -> str:
+        return self.models.lookup(getattr(self.loop, role).model)
