@@ -28,7 +28,8 @@ STAGE_COMMANDS = {
 }
 
 # Packages that add commands of their own: each module has `register(subparsers)`.
-EXTRA_COMMAND_MODULES: list[str] = ["raypost.evaluation.cli", "raypost.serving.cli", "raypost.tasks.cli"]
+EXTRA_COMMAND_MODULES: list[str] = ["raypost.evaluation.cli", "raypost.serving.cli", "raypost.tasks.cli",
+                                     "raypost.loop.cli"]
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -67,7 +67,9 @@ class StudentConfig(StrictModel):
     model: str = Field("student", description="a name from `models` or a model reference")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(backend="transformers"))
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=256))
-    resources: Resources = Field(default_factory=Resources)
+    # Fractional CPUs: the student engine sits idle while the trainer runs, and on one small
+    # machine both must fit at once (engine.cpu_threads lets its forward passes use every core).
+    resources: Resources = Field(default_factory=lambda: Resources(cpus_per_actor=0.5))
 
 
 class TeacherConfig(StrictModel):
@@ -77,7 +79,7 @@ class TeacherConfig(StrictModel):
     mode: Literal["rewrite", "answer"] = Field(
         "rewrite", description="rewrite: write a new problem from each seed and solve it (the paper); "
                                "answer: answer the seed itself")
-    resources: Resources = Field(default_factory=lambda: Resources(cpus_per_actor=0.5))
+    resources: Resources = Field(default_factory=lambda: Resources(cpus_per_actor=0.25))
 
     @model_validator(mode="after")
     def _can_rewrite(self) -> "TeacherConfig":

@@ -1,0 +1,35 @@
+"""`raypost loop RECIPE [a.b=value ...]` and `raypost loop report RUN... [-o DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    loop = sub.add_parser("loop", help="run (or resume) a closed loop; `loop report RUN...` overlays runs",
+                          description="Run or resume the closed loop of a loop recipe. "
+                                      "`raypost loop report RUN_DIR... [-o DIR]` overlays finished runs.")
+    loop.add_argument("recipe", help="loop recipe YAML, or `report`")
+    loop.add_argument("rest", nargs="*", metavar="a.b=value | RUN_DIR", help="overrides (or run dirs after `report`)")
+    loop.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    loop.add_argument("-o", "--output", default="runs/loop-report", help="report: output directory")
+    loop.set_defaults(handler=_loop)
+
+
+def _loop(args: argparse.Namespace) -> int:
+    if args.recipe == "report":
+        from raypost.loop.report import overlay
+
+        if not args.rest:
+            from raypost.config import RecipeError
+
+            raise RecipeError("loop report: give one or more run directories")
+        print(f"report: {overlay(args.rest, args.output)}")
+        return 0
+    from raypost.config import load_recipe
+    from raypost.loop.config import LoopRecipe
+    from raypost.loop.controller import run_loop
+
+    recipe = load_recipe(args.recipe, args.rest, schema=LoopRecipe)
+    run_loop(recipe, args.address)
+    return 0
