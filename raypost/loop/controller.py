@@ -115,17 +115,26 @@ class LoopController:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from raypost.loop.engines import start_engine_actor
         from raypost.models import resolve_model
-        from raypost.runtime import ensure_ray
 
         self._claim_run_dir()
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", self.config.budget.price_per_1k_tokens)
         self.pool = self._pool()
         self.eval_items = self._eval_items()
+        self.base_model = str(resolve_model(self.recipe.model("student"), self.recipe.cache_dir))
+        self.engine_start_s = 0.0
+        self.log(f"loop {self.recipe.name}: {len(self.pool)} seeds, {len(self.eval_items)} eval items, "
+                 f"strategy {self.config.selection.strategy}, {len(self.config.shares())} round(s)")
+
+    def _engines(self) -> None:
+        """Start the engine actors on first use: a rerun of a finished loop starts none."""
+        if self.student is not None:
+            return
+        from raypost.loop.engines import start_engine_actor
+        from raypost.runtime import ensure_ray
+
         ensure_ray(self.address)
         cache = self.recipe.cache_dir
-        self.base_model = str(resolve_model(self.recipe.model("student"), cache))
         started = time.perf_counter()
         self.student = start_engine_actor(self.base_model, self.config.student.engine,
                                           self.config.student.resources, cache)
@@ -133,9 +142,7 @@ class LoopController:
         self.teacher = start_engine_actor(self.recipe.model("teacher"), self.config.teacher.engine,
                                           self.config.teacher.resources, cache)
         self.engine_start_s = time.perf_counter() - started
-        self.log(f"loop {self.recipe.name}: {len(self.pool)} seeds, {len(self.eval_items)} eval items, "
-                 f"strategy {self.config.selection.strategy}, {len(self.config.shares())} round(s); engines up in "
-                 f"{self.engine_start_s:.1f} s")
+        self.log(f"engines up in {self.engine_start_s:.1f} s")
 
     def close(self) -> None:
         import ray
@@ -297,6 +304,7 @@ class LoopController:
     def _use_student(self, model: str) -> dict | None:
         import ray
 
+        self._engines()
         if self.loaded_model == model:
             return None
         sync = ray.get(self.student.load_weights.remote(model))
@@ -306,6 +314,7 @@ class LoopController:
     def _answer(self, actor, items: list[dict], messages, sampling: SamplingConfig) -> list[list[Completion] | str]:
         import ray
 
+        self._engines()
         requests = [Request(id=item["id"], messages=messages(item), reference=item.get("answer")) for item in items]
         return ray.get(actor.generate.remote(requests, sampling))
 
@@ -388,6 +397,7 @@ class LoopController:
         while position < len(order) and stopped is None:
             batch: list[tuple[str, dict, int]] = []
             spent = self.ledger.totals()
+            self._engines()
             while position < len(order) and len(batch) < batch_size:
                 item = order[position]
                 key = request_key(self.recipe.name, round_index, item["id"])

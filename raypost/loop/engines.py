@@ -77,9 +77,9 @@ class EngineActor:
 
 
 def start_engine_actor(model: str, config: EngineConfig, resources: Resources, cache_dir: str | None,
-                       name: str, tokenizer_of: str | None = None):
+                       tokenizer_of: str | None = None):
     remote = ray.remote(EngineActor).options(
-        num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor, name=name,
+        num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor,
         max_concurrency=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(resources.cpus_per_actor)))}})
     actor = remote.remote(model, config, cache_dir, tokenizer_of)
     ray.get(actor.ready.remote())

@@ -1,0 +1,164 @@
+"""The closed loop on a tiny real model, the procedural teacher and real Ray Train: rounds,
+the budget ledger, resume after SIGKILL in every phase, load-time errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypost.config import RecipeError, load_recipe
+from raypost.loop.config import LoopRecipe
+from raypost.loop.ledger import Caps, Ledger, Totals
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def loop_recipe(tmp_path: Path, model: Path, name: str = "loop", **loop) -> Path:
+    spec = {
+        "pool": {"synth": {"n": 16, "levels": "1-2", "seed": 3}},
+        "student": {"engine": {"backend": "transformers", "batch_size": 16}, "sampling": {"max_tokens": 16}},
+        "teacher": {"engine": {"backend": "procedural", "batch_size": 3}, "sampling": {"max_tokens": 160}},
+        "budget": {"requests": 8},
+        "rounds": 2,
+        "selection": {"strategy": "loss_self"},
+        "train": {"method": "sft", "sft": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 256,
+                                           "packing": False}},
+        "eval": {"path": str(REPO / "data" / "arith" / "test.jsonl"), "limit": 2, "max_tokens": 16},
+    }
+    for key, value in loop.items():
+        spec[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "output_dir": str(tmp_path / "runs" / "{name}"),
+                                    "models": {"student": str(model)}, "loop": spec}))
+    return path
+
+
+def ledger_view(run_dir: Path) -> tuple[dict, list[str]]:
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    return ledger.totals().as_dict(), sorted(ledger.entries)
+
+
+# --- load-time errors (exit 2 with the field path) ------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"budget": {"requests": 0}}, "loop.budget.requests: Input should be greater than or equal to 1"),
+    ({"budget": {"tokens": 100}}, "budget.tokens 100 is below one teacher request (max_tokens 160 x n 1)"),
+    ({"budget": {}}, "give at least one of requests, tokens, cost_usd"),
+    ({"pool": {"path": "pool.jsonl", "answer_field": None}, "selection": {"strategy": "loss_gold"}},
+     "strategy 'loss_gold' needs gold answers and pool.answer_field is null"),
+    ({"teacher": {"model": "gold", "engine": {"backend": "reference"}}},
+     "engine.backend 'reference' only replays gold answers and cannot write new problems"),
+    ({"selection": {"strategy": "loss_everything"}}, "loop.selection.strategy: Input should be 'loss_self'"),
+])
+def test_a_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change, message):
+    (tmp_path / "pool.jsonl").write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
+    path = loop_recipe(tmp_path, tmp_path / "model", **change)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, schema=LoopRecipe)
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_the_ledger_never_passes_a_cap_and_survives_a_torn_last_line(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", price_per_1k_tokens=2.0)
+    caps = Caps(requests=3, tokens=250)
+    sent = 0
+    while ledger.affords(caps, worst_tokens=100):
+        ledger.record([{"key": f"k{sent}", "round": 1, "seed_id": str(sent), "prompt_tokens": 40,
+                        "completion_tokens": 50}])
+        sent += 1
+    assert sent == 2 and ledger.totals().tokens == 180   # a third would risk 280 > 250
+    with pytest.raises(ValueError, match="already paid"):
+        ledger.record([{"key": "k0", "round": 1, "seed_id": "0", "prompt_tokens": 1, "completion_tokens": 1}])
+    with (tmp_path / "ledger.jsonl").open("a") as handle:
+        handle.write('{"key": "k2", "round": 1, "se')   # the driver died mid-write
+    reopened = Ledger(tmp_path / "ledger.jsonl", price_per_1k_tokens=2.0)
+    assert sorted(reopened.entries) == ["k0", "k1"]
+    assert reopened.totals().as_dict() == {**Totals(2, 80, 100).as_dict(), "cost_usd": 0.36}
+    assert Ledger(tmp_path / "ledger.jsonl").totals().requests == 2   # the torn line is gone from the file
+
+
+# --- the loop itself -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_loop(tiny_model, tmp_path_factory, ray_local):
+    """One uninterrupted loop: the reference for the crash test below."""
+    from raypost.loop.controller import run_loop
+
+    tmp_path = tmp_path_factory.mktemp("loop")
+    recipe = load_recipe(loop_recipe(tmp_path, tiny_model), schema=LoopRecipe)
+    rounds = run_loop(recipe)
+    return recipe, rounds
+
+
+@pytest.mark.slow
+def test_a_loop_spends_its_budget_round_by_round_and_reports(finished_loop, capsys):
+    from raypost.loop.controller import run_loop
+
+    recipe, rounds = finished_loop
+    run_dir = recipe.resolved_output_dir()
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[0]["teacher_total"]["requests"] == 0
+    # 8 requests in 2 even rounds: 4 each, never more; each seed at most once per round
+    assert [r["teacher_round"]["requests"] for r in rounds[1:]] == [4, 4]
+    totals, keys = ledger_view(run_dir)
+    assert totals["requests"] == 8 and len({k.split("/")[2] for k in keys if "/r1/" in k}) == 4
+    assert rounds[2]["teacher_total"] == totals
+    # every written problem was verified by the task's own solver; all of them pass here
+    assert rounds[1]["kept"] == 4 and rounds[1]["rejected"] == 0
+    assert rounds[1]["train_rows"] == 4 and rounds[2]["train_rows"] == 8   # train_on: all
+    assert rounds[2]["model"].endswith("round_2/train/model") and rounds[1]["train_steps"] == 2
+    # the student engine stayed up: round 2's weights were loaded into it in place
+    assert rounds[2]["weight_sync"]["how"] == "in place"
+    # loss_self picked the seeds the base student was least sure of
+    scores = json.loads((run_dir / "round_1" / "scores.json").read_text())
+    picked = [k.split("/")[2] for k in keys if "/r1/" in k]
+    assert min(scores["scores"][p] for p in picked) >= max(v for s, v in scores["scores"].items() if s not in picked)
+    assert set(rounds[1]["per_group"]) == {"1", "2", "3", "4"} and rounds[1]["eval_items"] == 8
+    html = (run_dir / "report" / "index.html").read_text()
+    assert "<svg" in html and "<script" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
+    assert json.loads((run_dir / "report" / "report.json").read_text())["runs"]
+
+    capsys.readouterr()
+    again = run_loop(recipe)   # a finished loop reruns nothing and pays nothing
+    assert again == rounds and ledger_view(run_dir)[0] == totals
+    assert "engines up" not in capsys.readouterr().out
+
+    changed = load_recipe(recipe.source, ["loop.budget.requests=9"], schema=LoopRecipe)
+    with pytest.raises(RecipeError, match=r"holds a loop with other settings \(changed: budget\)"):
+        run_loop(changed)
+
+
+@pytest.mark.slow
+def test_a_loop_killed_in_every_phase_ends_with_the_ledger_of_an_uninterrupted_run(finished_loop, tiny_model,
+                                                                                     tmp_path):
+    reference_recipe, reference_rounds = finished_loop
+    path = loop_recipe(tmp_path, tiny_model)
+    run_dir = tmp_path / "runs" / "loop"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "raypost", "loop", str(path)]
+    # SIGKILL of the driver at a known point of each phase (see raypost/loop/faults.py)
+    for fault in ["score:1", "teacher:1:1", "train:1:1", "eval:1", "teacher:2:1", "train:2:2"]:
+        process = subprocess.Popen(command, env={**env, "RAYPOST_LOOP_FAULT": fault}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        output, _ = process.communicate(timeout=600)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)   # what the dead driver left (a user's kill -9 -PGID)
+        except ProcessLookupError:
+            pass
+        assert process.returncode == -signal.SIGKILL, f"{fault}: rc {process.returncode}\n{output[-3000:]}"
+    if (run_dir / "ledger.jsonl").exists():   # killed after round 1's first teacher batch: a prefix is paid
+        assert 0 < ledger_view(run_dir)[0]["requests"] < 8
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    assert ledger_view(run_dir) == ledger_view(reference_recipe.resolved_output_dir())
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "model", "weight_sync")}  # noqa: E731
+    assert [strip(r) for r in rounds] == [strip(r) for r in reference_rounds]
