@@ -137,14 +137,16 @@ def test_a_loop_spends_its_budget_round_by_round_and_reports(finished_loop, caps
 
 @pytest.mark.slow
 def test_a_loop_killed_in_every_phase_ends_with_the_ledger_of_an_uninterrupted_run(finished_loop, tiny_model,
-                                                                                     tmp_path):
+                                                                                     tmp_path, ray_local):
     reference_recipe, reference_rounds = finished_loop
     path = loop_recipe(tmp_path, tiny_model)
     run_dir = tmp_path / "runs" / "loop"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # each driver joins the session's Ray, as `ray job submit` drivers join a cluster's: killing
+    # the driver must not lose what it finished, whoever owns the cluster
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     command = [sys.executable, "-m", "raypost", "loop", str(path)]
     # SIGKILL of the driver at a known point of each phase (see raypost/loop/faults.py)
-    for fault in ["score:1", "teacher:1:1", "train:1:1", "eval:1", "teacher:2:1", "train:2:2"]:
+    for fault in ["teacher:1:1", "train:1:1", "eval:1", "score:2"]:
         process = subprocess.Popen(command, env={**env, "RAYPOST_LOOP_FAULT": fault}, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
         output, _ = process.communicate(timeout=600)
@@ -153,8 +155,8 @@ def test_a_loop_killed_in_every_phase_ends_with_the_ledger_of_an_uninterrupted_r
         except ProcessLookupError:
             pass
         assert process.returncode == -signal.SIGKILL, f"{fault}: rc {process.returncode}\n{output[-3000:]}"
-    if (run_dir / "ledger.jsonl").exists():   # killed after round 1's first teacher batch: a prefix is paid
-        assert 0 < ledger_view(run_dir)[0]["requests"] < 8
+        if fault == "teacher:1:1":   # killed after round 1's first teacher batch: that batch is paid, no more
+            assert ledger_view(run_dir)[0]["requests"] == 3
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

@@ -327,6 +327,7 @@ class LoopController:
             return done
         import ray
 
+        self._engines()
         started = time.perf_counter()
         selection = self.config.selection
         strategy = selection.strategy
@@ -517,6 +518,7 @@ class LoopController:
         done = _read_json(path)
         if done is not None:
             return done
+        self._engines()   # a start-up is not eval time
         started = time.perf_counter()
         sync = self._use_student(model)
         sampling = self.config.student.sampling.model_copy(update={

@@ -77,6 +77,9 @@ class ScalingBlock(StrictModel):
     offload_params: bool = Field(False, description="ZeRO-3: parameters in CPU memory")
     bf16: bool = Field(True, description="bf16 on GPU; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 autocast "
                                          "over fp32 weights, without DeepSpeed; fp32 elsewhere")
+    cpu_threads: int | None = Field(None, ge=1, description="CPU workers: torch threads (default: the worker's "
+                                   "whole CPUs, as Ray sets them); more than its CPUs where engines that hold "
+                                   "CPUs of their own sit idle while it trains (the closed loop)")
     allocator: Literal["retain", "system"] = Field(
         "retain", description="CPU workers: 'retain' keeps freed host memory for the next step (glibc "
                               "tunables) instead of faulting it in again, for more resident memory; "

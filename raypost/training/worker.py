@@ -93,6 +93,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raypost.training.packing import use_row_packing
 
     config = TrainConfig.model_validate(loop_config["config"])
+    if config.scaling.cpu_threads and not config.scaling.use_gpu:
+        import torch
+
+        torch.set_num_threads(config.scaling.cpu_threads)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     rows = ray.get(loop_config["rows"])
