@@ -152,6 +152,9 @@ class LoopConfig(StrictModel):
         if self.selection.strategy == "loss_gold" and self.student.engine.backend != "transformers":
             raise ValueError("selection.strategy loss_gold scores the gold answer with the student's own forward "
                              "pass: student.engine.backend must be transformers")
+        if self.selection.quota_by is not None and self.selection.quota_by != self.pool.group_by:
+            raise ValueError(f"selection.quota_by {self.selection.quota_by!r}: quotas are per pool group; set "
+                             f"pool.group_by to it (now {self.pool.group_by!r})")
         if self.budget.per_round is not None and len(self.budget.per_round) != self.rounds:
             raise ValueError(f"budget.per_round has {len(self.budget.per_round)} shares for {self.rounds} rounds")
         worst = self.teacher.sampling.max_tokens * self.teacher.sampling.n

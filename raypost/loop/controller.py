@@ -139,7 +139,11 @@ class LoopController:
         self.student = start_engine_actor(self.base_model, self.config.student.engine,
                                           self.config.student.resources, cache)
         self.loaded_model = self.base_model
-        self.teacher = start_engine_actor(self.recipe.model("teacher"), self.config.teacher.engine,
+        teacher_engine = self.config.teacher.engine
+        if teacher_engine.tokenizer:   # a name from `models`, like a stage's
+            teacher_engine = teacher_engine.model_copy(
+                update={"tokenizer": self.recipe.models.lookup(teacher_engine.tokenizer)})
+        self.teacher = start_engine_actor(self.recipe.model("teacher"), teacher_engine,
                                           self.config.teacher.resources, cache)
         self.engine_start_s = time.perf_counter() - started
         self.log(f"engines up in {self.engine_start_s:.1f} s")
