@@ -71,6 +71,9 @@ def _run_recipe(args: argparse.Namespace) -> int:
     from raypost.runtime import ensure_ray
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if not hasattr(recipe, "stages"):
+        raise RecipeError(f"{args.recipe}: a loop recipe (it has `loop:`, no `stages:`): run it with "
+                          f"`raypost loop {args.recipe}`")
     if args.only and not any(s.kind in args.only for s in recipe.stages):
         raise RecipeError(f"{args.recipe}: stages: no stage of kind {args.only[0]!r} in this recipe")
     if args.dry_run:

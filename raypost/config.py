@@ -197,9 +197,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     Raises RecipeError with a one-line-per-problem message."""
     from raypost.recipe import Recipe, stage_kinds
 
-    schema = schema or Recipe
-
     data = read_yaml(path)
+    if schema is None and isinstance(data, dict) and "loop" in data and "stages" not in data:
+        from raypost.loop.config import LoopRecipe
+
+        schema = LoopRecipe   # a loop recipe: `raypost loop FILE`
+    schema = schema or Recipe
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value, str(path))
