@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  echo "usage: jobs/submit.sh RECIPE [a.b=value ...]" >&2
+  echo "usage: jobs/submit.sh RECIPE [a.b=value ...]   (RAYPOST_COMMAND=loop for a loop recipe)" >&2
   exit 2
 fi
 recipe=$1
@@ -21,4 +21,4 @@ if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_
 fi
 # shellcheck disable=SC2086  # RAY_JOB_ARGS is a list of flags on purpose
 exec "${RAY:-ray}" job submit --working-dir . --runtime-env jobs/runtime_env.yaml ${RAY_JOB_ARGS:-} \
-  -- python -m raypost run "$recipe" "$@"
+  -- python -m raypost "${RAYPOST_COMMAND:-run}" "$recipe" "$@"
