@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 
 class RecipeError(ValueError):
@@ -93,6 +93,28 @@ class ModelsConfig(StrictModel):
                 raise RecipeError(f"models.{name_or_ref} is not set")
             return value
         return self.extra.get(name_or_ref, name_or_ref)
+
+
+class RecipeFile(StrictModel):
+    """What every recipe file has, whatever it runs (stages, or a loop): its name, where it writes,
+    its models, and the file it was read from."""
+
+    name: str
+    output_dir: str = Field("runs/{name}", description="everything it writes goes under this directory")
+    cache_dir: str | None = Field(None, description="model cache; default ~/.cache/raypost or $RAYPOST_CACHE")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @source.setter
+    def source(self, value: Path | None) -> None:
+        self._source = value
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name)).expanduser()
 
 
 def _format_location(location: tuple[Any, ...], stage_kinds: set[str]) -> str:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Union
 
-from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from raypost.config import ModelsConfig, RecipeError, Resources, StrictModel, resolve_data_path
+from raypost.config import RecipeError, RecipeFile, Resources, StrictModel, resolve_data_path
 from raypost.curation.config import CurateStage
 from raypost.evaluation.config import EvalStage
 from raypost.generation.config import GenerateStage
@@ -91,14 +91,11 @@ def stage_references(stage, stage_names: set[str]) -> list[Reference]:
 StageConfig = Annotated[Union[tuple(cls for cls, _ in STAGES.values())], Field(discriminator="kind")]
 
 
-class Recipe(StrictModel):
-    name: str
-    output_dir: str = Field("runs/{name}", description="where each stage writes `<output_dir>/<stage name>/`")
-    cache_dir: str | None = Field(None, description="model cache; default ~/.cache/raypost or $RAYPOST_CACHE")
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
+class Recipe(RecipeFile):
+    """Stages run in order; each writes `<output_dir>/<stage name>/`."""
+
     resources: Resources = Field(default_factory=Resources)
     stages: list[StageConfig] = Field(min_length=1)
-    _source: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Recipe":
@@ -136,17 +133,6 @@ class Recipe(StrictModel):
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-    @property
-    def source(self) -> Path | None:
-        return self._source
-
-    @source.setter
-    def source(self, value: Path | None) -> None:
-        self._source = value
-
-    def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir.format(name=self.name)).expanduser()
 
     def stage(self, name: str):
         for stage in self.stages:

@@ -8,13 +8,11 @@ them, a teacher that cannot write new problems asked to rewrite.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from raypost.config import (EngineConfig, ModelsConfig, Resources, SamplingConfig, StrictModel,
-                            existing_data_path)
+from raypost.config import EngineConfig, RecipeFile, Resources, SamplingConfig, StrictModel, existing_data_path
 from raypost.tasks.arith import SYSTEM_PROMPT, parse_levels
 from raypost.training.config import TrainConfig
 
@@ -174,13 +172,8 @@ class LoopConfig(StrictModel):
         return [s / total for s in shares]
 
 
-class LoopRecipe(StrictModel):
-    name: str
-    output_dir: str = Field("runs/{name}", description="the loop writes everything under this directory")
-    cache_dir: str | None = None
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
+class LoopRecipe(RecipeFile):
     loop: LoopConfig
-    _source: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _models_named(self, info: ValidationInfo) -> "LoopRecipe":
@@ -189,17 +182,6 @@ class LoopRecipe(StrictModel):
             if reference in ("student", "teacher") and getattr(self.models, reference) is None:
                 raise ValueError(f"loop.{role}.model: {reference!r} names models.{reference}, which is not set")
         return self
-
-    @property
-    def source(self) -> Path | None:
-        return self._source
-
-    @source.setter
-    def source(self, value: Path | None) -> None:
-        self._source = value
-
-    def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir.format(name=self.name)).expanduser()
 
     def model(self, role: str) -> str:
         return self.models.lookup(getattr(self.loop, role).model)

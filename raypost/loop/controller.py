@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from raypost.engines.base import Completion, Request
 from raypost.errors import StageError
 from raypost.loop import faults
 from raypost.loop.config import LoopRecipe
-from raypost.loop.ledger import Caps, Ledger, request_key
+from raypost.loop.ledger import Caps, Ledger, Totals, request_key
 from raypost.loop.strategies import Scored, rank, score_items
 from raypost.records import DataError
 
@@ -412,8 +411,8 @@ class LoopController:
                 prompt_tokens = ray.get(self.student.count_tokens.remote(self._teacher_request(item)))
                 worst = prompt_tokens + sampling.max_tokens * sampling.n
                 pending = [w for _, _, w in batch]
-                spent_now = type(spent)(spent.requests + len(batch), spent.prompt_tokens + sum(pending),
-                                        spent.completion_tokens, spent.cost_usd + self.ledger.cost(sum(pending)))
+                spent_now = Totals(spent.requests + len(batch), spent.prompt_tokens + sum(pending),
+                                   spent.completion_tokens, spent.cost_usd + self.ledger.cost(sum(pending)))
                 if not self.ledger.affords(caps, worst, spent_now):
                     stopped = "budget"
                     break
@@ -491,7 +490,7 @@ class LoopController:
         directory = self.round_dir(round_index)
         done = _read_json(directory / "train.json")
         if done is not None:
-            return {**done, "sync": None}
+            return done
         started = time.perf_counter()
         rounds = range(1, round_index + 1) if self.config.train_on == "all" else [round_index]
         rows = [row for r in rounds for row in _read_jsonl(self.round_dir(r) / "data.jsonl")]
@@ -499,7 +498,7 @@ class LoopController:
             result = {"model": previous, "rows": 0, "steps": 0, "seconds": time.perf_counter() - started,
                       "note": "no data: the student is unchanged"}
             _write_json(directory / "train.json", result)
-            return {**result, "sync": None}
+            return result
         data = directory / "train_data.jsonl"
         _write_jsonl(data, [{"messages": r["messages"]} for r in rows])
         config = self.config.train
@@ -515,7 +514,7 @@ class LoopController:
         result = {"model": outcome.model_dir, "rows": len(rows), "steps": outcome.steps,
                   "loss": losses[-1] if losses else None, "seconds": time.perf_counter() - started}
         _write_json(directory / "train.json", result)
-        return {**result, "sync": None}
+        return result
 
     def _evaluate(self, round_index: int, model: str) -> dict:
         path = self.round_dir(round_index) / "eval.json"
@@ -557,7 +556,3 @@ def run_loop(recipe: LoopRecipe, address: str | None = None) -> list[dict]:
     """Run (or resume) a loop to the end; the round records, round 0 (the base student) first."""
     with LoopController(recipe, address) as controller:
         return controller.run()
-
-
-def remove_run(recipe: LoopRecipe) -> None:
-    shutil.rmtree(recipe.resolved_output_dir(), ignore_errors=True)
