@@ -14,6 +14,12 @@ def register(sub) -> None:
     loop.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     loop.add_argument("-o", "--output", default="runs/loop-report", help="report: output directory")
     loop.set_defaults(handler=_loop)
+    sipf = sub.add_parser("sipf", help="run (or resume) a loop recipe in mode sipf (self-iterative process feedback)",
+                          description="`raypost loop` for a recipe with loop.mode: sipf; refuses any other mode.")
+    sipf.add_argument("recipe", help="loop recipe YAML (loop.mode: sipf)")
+    sipf.add_argument("rest", nargs="*", metavar="a.b=value", help="overrides")
+    sipf.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    sipf.set_defaults(handler=_sipf)
 
 
 def _loop(args: argparse.Namespace) -> int:
@@ -26,10 +32,21 @@ def _loop(args: argparse.Namespace) -> int:
             raise RecipeError("loop report: give one or more run directories")
         print(f"report: {overlay(args.rest, args.output)}")
         return 0
-    from raypost.config import load_recipe
+    return _run(args)
+
+
+def _sipf(args: argparse.Namespace) -> int:
+    return _run(args, require_mode="sipf")
+
+
+def _run(args: argparse.Namespace, require_mode: str | None = None) -> int:
+    from raypost.config import RecipeError, load_recipe
     from raypost.loop.config import LoopRecipe
     from raypost.loop.controller import run_loop
 
     recipe = load_recipe(args.recipe, args.rest, schema=LoopRecipe)
+    if require_mode is not None and recipe.loop.mode != require_mode:
+        raise RecipeError(f"{args.recipe}: loop.mode is {recipe.loop.mode!r}: run it with `raypost loop`, "
+                          f"or set loop.mode: {require_mode}")
     run_loop(recipe, args.address)
     return 0

@@ -129,11 +129,71 @@ class EvalConfig(StrictModel):
     _path = field_validator("path")(existing_data_path)
 
 
+class SplitConfig(StrictModel):
+    """How a reasoning path becomes steps; the boundaries (character offsets) are kept as data."""
+
+    by: Literal["line", "sentence", "regex"] = "line"
+    pattern: str | None = Field(None, description="by: regex: a pattern that matches each step boundary")
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "SplitConfig":
+        import re
+
+        if (self.by == "regex") != (self.pattern is not None):
+            raise ValueError("give `pattern` exactly when by: regex")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as error:
+                raise ValueError(f"pattern {self.pattern!r}: {error}") from None
+        return self
+
+
+class SipfConfig(StrictModel):
+    """Self-iterative process feedback (arXiv 2412.08393): the student samples `n` paths per
+    question; from each step's prefix a simulator completes `k` rollouts; a step is correct when
+    more than `delta` of them reach the gold answer; a path scores the mean (or min) of its step
+    values; pairs whose scores differ by at least `eta` train the student with ORPO."""
+
+    n: int = Field(4, ge=2, description="paths sampled per question")
+    temperature: float = Field(1.0, ge=0, description="1.0 for math, 0.7 for code (the paper)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    # Outcome labels: the final answer against the gold one, paths deduplicated by normalized
+    # text. Code tasks (sandbox labels, edit-distance dedup) are not built yet.
+    verifier: Literal["math"] = "math"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    k: int = Field(4, ge=1, description="Monte-Carlo rollouts per step prefix")
+    delta: float = Field(0.5, ge=0, le=1, description="a step is correct when more than delta of its rollouts are")
+    simulator: Literal["student", "teacher"] = Field("student", description="who completes the rollouts: the "
+                                                     "current student, or loop.teacher (a larger model)")
+    rollout_max_tokens: int = Field(192, ge=1)
+    reward: Literal["process", "outcome"] = Field("process", description="outcome: pairs of a correct and a wrong "
+                                                  "path, no rollouts (the ablation)")
+    reduce: Literal["mean", "min"] = Field("mean", description="path score from its step values")
+    eta: float = Field(0.3, ge=0, description="least score gap of a pair")
+    pairs_per_question: int = Field(2, ge=1)
+    questions_per_round: int | None = Field(None, ge=1, description="questions sampled each round (default: the pool)")
+    warmup: TrainConfig | None = Field(None, description="SFT on the pool's gold solutions before round 1; "
+                                                         "round 0 evaluates it (the SFT baseline)")
+
+    @model_validator(mode="after")
+    def _warmup_sft(self) -> "SipfConfig":
+        if self.warmup is not None and self.warmup.method != "sft":
+            raise ValueError("warmup trains on gold solutions: method must be sft")
+        return self
+
+
 class LoopConfig(StrictModel):
     pool: PoolConfig
+    mode: Literal["distill", "sipf"] = Field("distill", description="distill: the teacher answers where the "
+                                             "student is weakest; sipf: the student's own paths, scored step by "
+                                             "step, train it by preference")
     student: StudentConfig = Field(default_factory=StudentConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    budget: BudgetConfig
+    budget: BudgetConfig | None = Field(None, description="distill: the teacher budget; sipf: an optional cap on "
+                                                          "rollout requests/tokens")
+    sipf: SipfConfig | None = None
     rounds: int = Field(3, ge=1)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -143,6 +203,12 @@ class LoopConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "LoopConfig":
+        if self.mode == "sipf":
+            return self._sipf_consistent()
+        if self.budget is None:
+            raise ValueError("budget: the teacher budget is required (give at least one of requests, tokens, cost_usd)")
+        if self.sipf is not None:
+            raise ValueError("sipf: set mode: sipf to use it")
         needs_gold = self.selection.strategy in NEEDS_GOLD or self.selection.skip_solved
         if needs_gold and not self.pool.has_gold:
             what = "skip_solved" if self.selection.skip_solved else f"strategy {self.selection.strategy!r}"
@@ -163,11 +229,26 @@ class LoopConfig(StrictModel):
             raise ValueError(f"budget.cost_usd {self.budget.cost_usd} is below one teacher request")
         return self
 
+    def _sipf_consistent(self) -> "LoopConfig":
+        if self.sipf is None:
+            self.sipf = SipfConfig()
+        if not self.pool.has_gold:
+            raise ValueError("mode sipf labels paths by their final answer: the pool needs gold answers "
+                             "(pool.answer_field)")
+        if self.train.method not in ("orpo", "dpo"):
+            raise ValueError(f"mode sipf trains on preference pairs: train.method must be orpo or dpo, "
+                             f"not {self.train.method!r}")
+        worst = self.sipf.rollout_max_tokens * self.sipf.k
+        if self.budget is not None and self.budget.tokens is not None and self.budget.tokens < worst:
+            raise ValueError(f"budget.tokens {self.budget.tokens} is below one rollout request "
+                             f"(rollout_max_tokens {self.sipf.rollout_max_tokens} x k {self.sipf.k})")
+        return self
+
     def shares(self) -> list[float]:
         """Share of the budget for each round; the static baseline spends it all before training."""
         if self.selection.strategy == "static":
             return [1.0]
-        shares = self.budget.per_round or [1.0] * self.rounds
+        shares = (self.budget.per_round if self.budget else None) or [1.0] * self.rounds
         total = sum(shares)
         return [s / total for s in shares]
 

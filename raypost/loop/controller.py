@@ -33,6 +33,8 @@ from raypost.loop.strategies import Scored, rank, score_items
 from raypost.records import DataError
 
 SETTINGS_FILE = "loop.json"
+# what a round's data rows hand to the trainer (SFT conversations or preference pairs)
+TRAIN_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -117,13 +119,14 @@ class LoopController:
         from raypost.models import resolve_model
 
         self._claim_run_dir()
-        self.ledger = Ledger(self.run_dir / "ledger.jsonl", self.config.budget.price_per_1k_tokens)
+        budget = self.config.budget
+        self.ledger = Ledger(self.run_dir / "ledger.jsonl", budget.price_per_1k_tokens if budget else 0.0)
         self.pool = self._pool()
         self.eval_items = self._eval_items()
         self.base_model = str(resolve_model(self.recipe.model("student"), self.recipe.cache_dir))
         self.engine_start_s = 0.0
         self.log(f"loop {self.recipe.name}: {len(self.pool)} seeds, {len(self.eval_items)} eval items, "
-                 f"strategy {self.config.selection.strategy}, {len(self.config.shares())} round(s)")
+                 f"strategy {self.strategy_name()}, {len(self.config.shares())} round(s)")
 
     def _engines(self) -> None:
         """Start the engine actors on first use: a rerun of a finished loop starts none."""
@@ -138,14 +141,24 @@ class LoopController:
         self.student = start_engine_actor(self.base_model, self.config.student.engine,
                                           self.config.student.resources, cache)
         self.loaded_model = self.base_model
+        if self.needs_teacher():
+            self._start_teacher()
+        self.engine_start_s = time.perf_counter() - started
+        self.log(f"engines up in {self.engine_start_s:.1f} s")
+
+    def needs_teacher(self) -> bool:
+        return True
+
+    def _start_teacher(self) -> None:
+        from raypost.loop.engines import start_engine_actor
+
+        cache = self.recipe.cache_dir
         teacher_engine = self.config.teacher.engine
         if teacher_engine.tokenizer:   # a name from `models`, like a stage's
             teacher_engine = teacher_engine.model_copy(
                 update={"tokenizer": self.recipe.models.lookup(teacher_engine.tokenizer)})
         self.teacher = start_engine_actor(self.recipe.model("teacher"), teacher_engine,
                                           self.config.teacher.resources, cache)
-        self.engine_start_s = time.perf_counter() - started
-        self.log(f"engines up in {self.engine_start_s:.1f} s")
 
     def close(self) -> None:
         import ray
@@ -253,15 +266,19 @@ class LoopController:
         directory = self.round_dir(0)
         if (directory / "record.json").exists():
             return
-        evaluation = self._evaluate(0, self.base_model)
-        record = {"round": 0, "strategy": self.config.selection.strategy, "model": self.base_model,
+        model = self.model_after(0)
+        evaluation = self._evaluate(0, model)
+        record = {"round": 0, "strategy": self.strategy_name(), "model": model,
                   **self._accuracy_fields(evaluation), "teacher_round": self.ledger.totals(0).as_dict(),
                   "teacher_total": {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "tokens": 0,
                                     "cost_usd": 0.0},
                   "seconds": {"eval": evaluation["seconds"], "engine_start": self.engine_start_s}}
         _write_json(directory / "record.json", record)
-        self.log(f"round 0 (base student): accuracy {record['accuracy']:.3f} "
+        self.log(f"round 0 ({'base student' if model == self.base_model else 'warm-up'}): accuracy {record['accuracy']:.3f} "
                  f"[{record['accuracy_ci95'][0]:.3f}, {record['accuracy_ci95'][1]:.3f}]")
+
+    def strategy_name(self) -> str:
+        return self.config.selection.strategy
 
     def run_round(self, round_index: int) -> dict:
         directory = self.round_dir(round_index)
@@ -297,8 +314,9 @@ class LoopController:
         return record
 
     def model_after(self, round_index: int) -> str:
-        """The student after round r: the last round that trained, else the base model."""
-        for r in range(round_index, 0, -1):
+        """The student after round r: the last round that trained (round 0: a warm-up), else the
+        base model."""
+        for r in range(round_index, -1, -1):
             result = _read_json(self.round_dir(r) / "train.json")
             if result is not None and result.get("model"):
                 return result["model"]
@@ -369,6 +387,8 @@ class LoopController:
     def _caps(self, round_index: int) -> Caps:
         share = sum(self.config.shares()[:round_index])
         budget = self.config.budget
+        if budget is None:
+            return Caps()
         # floor + epsilon: shares of 1/3 must add up to the whole budget, not one request short
         return Caps(requests=math.floor(budget.requests * share + 1e-9) if budget.requests else float("inf"),
                     tokens=math.floor(budget.tokens * share + 1e-9) if budget.tokens else float("inf"),
@@ -500,7 +520,7 @@ class LoopController:
             _write_json(directory / "train.json", result)
             return result
         data = directory / "train_data.jsonl"
-        _write_jsonl(data, [{"messages": r["messages"]} for r in rows])
+        _write_jsonl(data, [{k: r[k] for k in TRAIN_COLUMNS if k in r} for r in rows])
         config = self.config.train
         if self.config.selection.strategy == "static":
             block = config.block
@@ -554,5 +574,10 @@ class LoopController:
 
 def run_loop(recipe: LoopRecipe, address: str | None = None) -> list[dict]:
     """Run (or resume) a loop to the end; the round records, round 0 (the base student) first."""
-    with LoopController(recipe, address) as controller:
+    controller_class = LoopController
+    if recipe.loop.mode == "sipf":
+        from raypost.loop.sipf import SipfController
+
+        controller_class = SipfController
+    with controller_class(recipe, address) as controller:
         return controller.run()

@@ -58,6 +58,10 @@ class EngineActor:
             return sum(len(m["content"].split()) for m in messages)
         return count_prompt_tokens(self._tokenizer, messages)
 
+    def count_tokens_many(self, conversations: list[list[dict[str, str]]]) -> list[int]:
+        """One call for a batch: the budget check must not cost a round trip per request."""
+        return [self.count_tokens(messages) for messages in conversations]
+
     def answer_losses(self, requests: Sequence[Request], answers: Sequence[str]) -> list[tuple[float, float]]:
         return self.engine.answer_losses(requests, answers)
 

@@ -1,0 +1,203 @@
+"""SIPF (the loop in mode sipf) on a tiny real model and real Ray Train (ORPO): sampled paths,
+Monte-Carlo step values from rollouts that continue the open assistant turn, preference pairs,
+resume after SIGKILL with no rollout paid twice, and the load-time refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypost.config import RecipeError, load_recipe
+from raypost.loop.config import LoopRecipe, SplitConfig
+from raypost.loop.ledger import Ledger
+from raypost.loop.sipf import make_pairs, prefix_key, split_steps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sipf_recipe(tmp_path: Path, model: Path, name: str = "sipf", **changes) -> Path:
+    spec = {
+        "mode": "sipf",
+        # four questions the warm-up learns by heart: the tiny student then answers some of its
+        # samples right and some wrong, which is what pairs are made of
+        "pool": {"synth": {"n": 4, "levels": "1", "seed": 5, "distractors": 0}},
+        "student": {"engine": {"backend": "transformers", "batch_size": 16}},
+        "sipf": {"n": 4, "k": 2, "max_tokens": 48, "rollout_max_tokens": 40, "temperature": 1.0, "eta": 0.25,
+                 "warmup": {"method": "sft", "sft": {"max_steps": 40, "learning_rate": 3e-3,
+                                                     "per_device_train_batch_size": 4, "max_length": 256,
+                                                     "packing": False}}},
+        "rounds": 1,
+        "train": {"method": "orpo", "orpo": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 256}},
+        "eval": {"path": str(REPO / "data" / "arith" / "test.jsonl"), "limit": 1, "max_tokens": 48},
+    }
+    for key, value in changes.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "output_dir": str(tmp_path / "runs" / "{name}"),
+                                    "models": {"student": str(model)}, "loop": spec}))
+    return path
+
+
+# --- pieces --------------------------------------------------------------------------------
+
+def test_a_path_splits_into_steps_whose_prefixes_end_where_the_next_step_begins():
+    text = "Ann has 3 pens.\n\nShe buys 2 more. Now 3 + 2 = 5.\n#### 5\n"
+    lines = split_steps(text, SplitConfig())
+    assert [text[s.start:s.end] for s in lines] == ["Ann has 3 pens.\n\n", "She buys 2 more. Now 3 + 2 = 5.\n", "#### 5\n"]
+    assert lines[0].start == 0 and all(a.end == b.start for a, b in zip(lines, lines[1:])) and lines[-1].end == len(text)
+    sentences = split_steps(text, SplitConfig(by="sentence"))
+    assert [text[s.start:s.end].strip() for s in sentences] == [
+        "Ann has 3 pens.", "She buys 2 more.", "Now 3 + 2 = 5.", "#### 5"]
+    custom = split_steps("a; b; c", SplitConfig(by="regex", pattern=r";\s*"))
+    assert [(s.start, s.end) for s in custom] == [(0, 3), (3, 6), (6, 7)]
+    assert split_steps(" \n\n", SplitConfig()) == []
+
+
+def test_pairs_take_the_widest_gaps_first_and_fresh_paths_before_reused_ones():
+    paths = [{"index": i, "score": s} for i, s in enumerate([1.0, 0.5, 0.0, 0.9, 0.8])]
+    pairs = [(a["index"], b["index"]) for a, b in make_pairs(paths, eta=0.3, limit=3)]
+    assert pairs == [(0, 2), (3, 1), (4, 2)]
+    assert make_pairs(paths, eta=1.5, limit=3) == []
+    assert make_pairs([{"index": 0, "score": 0.5}, {"index": 1, "score": 0.5}], eta=0.0, limit=3) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sipf": {"k": 0}}, "loop.sipf.k: Input should be greater than or equal to 1"),
+    ({"sipf": {"delta": 1.5}}, "loop.sipf.delta: Input should be less than or equal to 1"),
+    ({"sipf": {"eta": -0.1}}, "loop.sipf.eta: Input should be greater than or equal to 0"),
+    ({"train": {"method": "sft"}}, "train.method must be orpo or dpo, not 'sft'"),
+    ({"sipf": {"split": {"by": "regex", "pattern": "("}}}, "pattern '(':"),
+    ({"pool": {"path": "pool.jsonl", "answer_field": None}}, "the pool needs gold answers"),
+])
+def test_a_sipf_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change, message):
+    (tmp_path / "pool.jsonl").write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
+    if "pool" in change:
+        change = {"pool": change["pool"]}   # replaces the synth pool
+    path = sipf_recipe(tmp_path, tmp_path / "model", **change)
+    if "pool" in change:
+        spec = yaml.safe_load(path.read_text())
+        spec["loop"]["pool"] = change["pool"]
+        path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, schema=LoopRecipe)
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_raypost_sipf_refuses_a_distill_loop(tmp_path):
+    spec = yaml.safe_load(sipf_recipe(tmp_path, tmp_path / "model").read_text())
+    spec["loop"].update(mode="distill", budget={"requests": 2}, train={"method": "sft"})
+    del spec["loop"]["sipf"]
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = subprocess.run([sys.executable, "-m", "raypost", "sipf", str(path)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 2 and "loop.mode is 'distill': run it with `raypost loop`" in result.stderr
+
+
+# --- a real round --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_sipf(tiny_model, tmp_path_factory, ray_local):
+    from raypost.loop.controller import run_loop
+
+    tmp_path = tmp_path_factory.mktemp("sipf")
+    recipe = load_recipe(sipf_recipe(tmp_path, tiny_model), schema=LoopRecipe)
+    return recipe, run_loop(recipe)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_a_sipf_round_scores_steps_by_rollouts_and_trains_orpo_on_the_pairs(finished_sipf, capsys):
+    from raypost.evaluation.scoring import score_gsm8k
+    from raypost.loop.controller import run_loop
+
+    recipe, rounds = finished_sipf
+    run_dir = recipe.resolved_output_dir()
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[0]["model"].endswith("round_0/train/model")
+    record = rounds[1]
+    assert record["strategy"] == "sipf-process" and record["paths_sampled"] == 4 * 4
+    paths = _rows(run_dir / "round_1" / "paths.jsonl")
+    assert len(paths) == record["paths_unique"] <= 16
+    # one rollout request per distinct (question, step prefix), the last step excluded, k each
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    wanted = {prefix_key(recipe.name, 1, p["question_id"], p["text"][:end]) for p in paths for _, end in p["steps"][:-1]}
+    assert set(ledger.entries) == wanted and wanted
+    assert all(len(e["texts"]) == 2 for e in ledger.entries.values())
+    assert record["teacher_total"]["tokens"] == ledger.totals().tokens > 0 and record["rollouts"] == 2 * len(wanted)
+    # a step's value is the share of its rollouts (prefix + continuation) that reach the gold answer
+    gold = {i["id"]: i["answer"] for i in _rows(run_dir / "pool.jsonl")}
+    for path in _rows(run_dir / "round_1" / "labelled.jsonl"):
+        assert len(path["values"]) == len(path["steps"]) and path["values"][-1] == float(path["correct"])
+        for (_, end), value in zip(path["steps"][:-1], path["values"]):
+            prefix = path["text"][:end]
+            texts = ledger.entries[prefix_key(recipe.name, 1, path["question_id"], prefix)]["texts"]
+            assert value == sum(score_gsm8k(prefix + t, gold[path["question_id"]]).correct for t in texts) / 2
+    # the warm-up taught the format: some paths are right, some wrong, so there are pairs to train on
+    pairs = _rows(run_dir / "round_1" / "data.jsonl")
+    assert 0 < record["pool_accuracy"] < 1
+    assert pairs and record["pairs"] == len(pairs) == record["train_rows"] and record["train_steps"] == 2
+    assert all(w - l >= 0.25 for w, l in (p["scores"] for p in pairs))
+    assert all(p["chosen"][0]["role"] == "assistant" and p["prompt"][-1]["role"] == "user" for p in pairs)
+    assert record["weight_sync"]["how"] == "in place"
+    assert (run_dir / "report" / "index.html").exists()
+
+    capsys.readouterr()
+    assert run_loop(recipe) == rounds and Ledger(run_dir / "ledger.jsonl").totals() == ledger.totals()
+    assert "engines up" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_outcome_ablation_pairs_right_against_wrong_paths_without_rollouts(tiny_model, tmp_path, ray_local):
+    from raypost.loop.controller import run_loop
+
+    recipe = load_recipe(sipf_recipe(tmp_path, tiny_model, name="outcome", sipf={"reward": "outcome"},
+                                     train={"method": "dpo", "dpo": {"max_steps": 1, "per_device_train_batch_size": 2,
+                                                                     "max_length": 256}}), schema=LoopRecipe)
+    rounds = run_loop(recipe)
+    run_dir = recipe.resolved_output_dir()
+    assert rounds[1]["strategy"] == "sipf-outcome" and rounds[1]["teacher_total"]["requests"] == 0
+    pairs = _rows(run_dir / "round_1" / "data.jsonl")
+    correct = {p["text"]: p["correct"] for p in _rows(run_dir / "round_1" / "paths.jsonl")}
+    assert pairs and all(correct[p["chosen"][0]["content"]] and not correct[p["rejected"][0]["content"]]
+                         for p in pairs)
+
+
+@pytest.mark.slow
+def test_sipf_killed_while_sampling_rolling_out_and_training_resumes_with_no_rollout_paid_twice(
+        finished_sipf, tiny_model, tmp_path, ray_local):
+    reference, reference_rounds = finished_sipf
+    path = sipf_recipe(tmp_path, tiny_model)
+    run_dir = tmp_path / "runs" / "sipf"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "raypost", "sipf", str(path)]
+    reference_ledger = Ledger(reference.resolved_output_dir() / "ledger.jsonl")
+    for fault in ["sample:1", "rollout:1:1", "train:1:1"]:
+        process = subprocess.Popen(command, env={**env, "RAYPOST_LOOP_FAULT": fault}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        output, _ = process.communicate(timeout=600)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        assert process.returncode == -signal.SIGKILL, f"{fault}: rc {process.returncode}\n{output[-3000:]}"
+        if fault == "rollout:1:1":   # killed after the first batch of rollouts: that batch is kept, no more
+            assert len(Ledger(run_dir / "ledger.jsonl").entries) == min(16, len(reference_ledger.entries))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ours = Ledger(run_dir / "ledger.jsonl")
+    assert sorted(ours.entries) == sorted(reference_ledger.entries) and ours.totals() == reference_ledger.totals()
+    lines = (run_dir / "ledger.jsonl").read_text().splitlines()
+    assert len(lines) == len(ours.entries)   # each rollout request written once
+    rounds = _rows(run_dir / "rounds.jsonl")
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "model", "weight_sync")}  # noqa: E731
+    assert [strip(r) for r in rounds] == [strip(r) for r in reference_rounds]
