@@ -9,7 +9,10 @@ For a task family with exact solutions (raypost.tasks) this engine plays that te
 - asked to write a new problem from a seed (`raypost.tasks.arith.rewrite_prompt`), it writes a
   new problem of the same level and digits, with its solution, as an LLM teacher would;
 - with `error_rate`, that share of answers carries a wrong step to the end (decided by a hash of
-  the question and the sample, so reruns reproduce it), so verification has something to catch.
+  the question and the sample, so reruns reproduce it), so verification has something to catch;
+- asked to continue an open assistant turn (a reasoning prefix, as SIPF's rollouts do), it
+  writes the solution after it, its errors drawn per (question, prefix, sample): a simulator
+  whose rollouts differ from prefix to prefix.
 
 A question it cannot read is an error for that row (set aside with its reason), never a guess.
 Tokens are counted with `engine.tokenizer` (the student's, so budgets compare with a real
@@ -65,8 +68,9 @@ class ProceduralEngine:
         problem = self.family.parse_problem(prompt)   # ParseError: the row is set aside with its reason
         prompt_tokens = sum(self.count_tokens(m["content"]) for m in request.messages)
         completions = []
+        prefix = request.messages[-1]["content"] if request.messages[-1]["role"] == "assistant" else None
         for k in range(sampling.n):
-            key = (prompt, sampling.seed, k)
+            key = (prompt, sampling.seed, k) if prefix is None else (prompt, prefix, sampling.seed, k)
             text = self._rewrite(problem, key) if rewrite else self._solve(problem, key).text
             completions.append(self._completion(text, prompt_tokens, sampling))
         self.calls += 1
