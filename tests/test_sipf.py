@@ -80,10 +80,8 @@ def test_pairs_take_the_widest_gaps_first_and_fresh_paths_before_reused_ones():
 ])
 def test_a_sipf_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change, message):
     (tmp_path / "pool.jsonl").write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
-    if "pool" in change:
-        change = {"pool": change["pool"]}   # replaces the synth pool
     path = sipf_recipe(tmp_path, tmp_path / "model", **change)
-    if "pool" in change:
+    if "pool" in change:   # replaces the synth pool instead of merging into it
         spec = yaml.safe_load(path.read_text())
         spec["loop"]["pool"] = change["pool"]
         path.write_text(yaml.safe_dump(spec))
@@ -92,15 +90,15 @@ def test_a_sipf_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change,
     assert str(path) in str(error.value) and message in str(error.value)
 
 
-def test_raypost_sipf_refuses_a_distill_loop(tmp_path):
+def test_raypost_sipf_refuses_a_distill_loop(tmp_path, capsys):
+    from raypost.cli import main
     spec = yaml.safe_load(sipf_recipe(tmp_path, tmp_path / "model").read_text())
     spec["loop"].update(mode="distill", budget={"requests": 2}, train={"method": "sft"})
     del spec["loop"]["sipf"]
     path = tmp_path / "distill.yaml"
     path.write_text(yaml.safe_dump(spec))
-    result = subprocess.run([sys.executable, "-m", "raypost", "sipf", str(path)], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-    assert result.returncode == 2 and "loop.mode is 'distill': run it with `raypost loop`" in result.stderr
+    assert main(["sipf", str(path)]) == 2
+    assert "loop.mode is 'distill': run it with `raypost loop`" in capsys.readouterr().err
 
 
 # --- a real round --------------------------------------------------------------------------
