@@ -28,7 +28,7 @@ from raypost.engines.base import Completion, Request
 from raypost.errors import StageError
 from raypost.loop import faults
 from raypost.loop.config import LoopRecipe
-from raypost.loop.ledger import Caps, Ledger, Totals, request_key
+from raypost.loop.ledger import Caps, Ledger, paid_entry, request_key
 from raypost.loop.strategies import Scored, rank, score_items
 from raypost.records import DataError
 
@@ -430,10 +430,7 @@ class LoopController:
                     continue
                 prompt_tokens = ray.get(self.student.count_tokens.remote(self._teacher_request(item)))
                 worst = prompt_tokens + sampling.max_tokens * sampling.n
-                pending = [w for _, _, w in batch]
-                spent_now = Totals(spent.requests + len(batch), spent.prompt_tokens + sum(pending),
-                                   spent.completion_tokens, spent.cost_usd + self.ledger.cost(sum(pending)))
-                if not self.ledger.affords(caps, worst, spent_now):
+                if not self.ledger.affords(caps, worst, [w for _, _, w in batch], spent):
                     stopped = "budget"
                     break
                 batch.append((key, item, worst))
@@ -444,17 +441,8 @@ class LoopController:
             if all(isinstance(a, str) for a in answers):
                 raise StageError(f"teacher {self.recipe.model('teacher')}: every request of a batch failed "
                                  f"({answers[0]}); the ledger keeps what was paid; rerun to continue")
-            entries = []
-            for (key, item, worst), answer in zip(batch, answers):
-                if isinstance(answer, str):   # failed row: it reached the teacher, so it counts as a request
-                    entries.append({"key": key, "round": round_index, "seed_id": item["id"], "attempt": 0,
-                                    "prompt_tokens": 0, "completion_tokens": 0, "error": answer})
-                    continue
-                entries.append({"key": key, "round": round_index, "seed_id": item["id"], "attempt": 0,
-                                "prompt_tokens": answer[0].prompt_tokens,
-                                "completion_tokens": sum(c.completion_tokens for c in answer),
-                                "texts": [c.text for c in answer]})
-            self.ledger.record(entries)
+            self.ledger.record([paid_entry(key, round_index, item["id"], answer)
+                                for (key, item, _), answer in zip(batch, answers)])
             batches += 1
             faults.maybe_kill(self.run_dir, "teacher", round_index, batches)
         kept, rejected, groups = self._build_data(round_index, by_id)

@@ -24,6 +24,16 @@ def request_key(run: str, round_index: int, seed_id: str, attempt: int = 0) -> s
     return f"{run}/r{round_index}/{seed_id}/a{attempt}"
 
 
+def paid_entry(key: str, round_index: int, seed_id: str, answer: list[Any] | str) -> dict[str, Any]:
+    """The ledger entry of one answered request: its completions (tokens, texts), or the error of
+    a failed row, which reached the engine and so still counts as a request."""
+    entry = {"key": key, "round": round_index, "seed_id": seed_id, "attempt": 0}
+    if isinstance(answer, str):
+        return {**entry, "prompt_tokens": 0, "completion_tokens": 0, "error": answer}
+    return {**entry, "prompt_tokens": answer[0].prompt_tokens,
+            "completion_tokens": sum(c.completion_tokens for c in answer), "texts": [c.text for c in answer]}
+
+
 @dataclass
 class Totals:
     requests: int = 0
@@ -112,9 +122,13 @@ class Ledger:
             totals.cost_usd += entry["cost_usd"]
         return totals
 
-    def affords(self, caps: Caps, worst_tokens: int, spent: Totals | None = None) -> bool:
-        """Whether one more request whose worst case is `worst_tokens` stays within `caps`."""
+    def affords(self, caps: Caps, worst_tokens: int, pending: Iterable[int] = (), spent: Totals | None = None) -> bool:
+        """Whether one more request whose worst case is `worst_tokens` stays within `caps`, after
+        what is spent (`spent`, default the ledger's totals) and the requests of the batch being
+        built but not yet sent (`pending`: their worst cases)."""
         spent = spent or self.totals()
-        return (spent.requests + 1 <= caps.requests
-                and spent.tokens + worst_tokens <= caps.tokens
-                and spent.cost_usd + self.cost(worst_tokens) <= caps.cost_usd + 1e-12)
+        pending = list(pending)
+        held = sum(pending) + worst_tokens
+        return (spent.requests + len(pending) + 1 <= caps.requests
+                and spent.tokens + held <= caps.tokens
+                and spent.cost_usd + self.cost(held) <= caps.cost_usd + 1e-12)

@@ -31,7 +31,7 @@ from raypost.engines.base import Request
 from raypost.loop import faults
 from raypost.loop.config import SipfConfig, SplitConfig
 from raypost.loop.controller import LoopController, _is_correct, _read_json, _read_jsonl, _write_json, _write_jsonl
-from raypost.loop.ledger import Totals
+from raypost.loop.ledger import paid_entry
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])[ \t]+|\n")
 
@@ -183,7 +183,7 @@ class SipfController(LoopController):
         if count is None or count >= len(self.pool):
             return list(self.pool)
         rng = random.Random(self.config.seed * 1000 + round_index)
-        return sorted(rng.sample(self.pool, count), key=lambda item: self.pool.index(item))
+        return [self.pool[i] for i in sorted(rng.sample(range(len(self.pool)), count))]
 
     def _sample(self, round_index: int, model: str) -> dict:
         """The student's own paths: deduplicated, labelled by outcome, split into steps."""
@@ -279,15 +279,15 @@ class SipfController(LoopController):
             if self.config.budget is not None:   # checked against the worst case before sending
                 counts = ray.get(self.student.count_tokens_many.remote([self._rollout_messages(i, p) for _, i, p in batch]))
                 spent = self.ledger.totals()
-                fits = []
+                fits, pending = [], []
                 for (key, item, prefix), count in zip(batch, counts):
                     worst = count + sampling.max_tokens * sampling.n
-                    pending = Totals(spent.requests + len(fits), spent.prompt_tokens + sum(w for *_, w in fits))
-                    if not self.ledger.affords(caps, worst, pending):
+                    if not self.ledger.affords(caps, worst, pending, spent):
                         stopped = "budget"
                         break
-                    fits.append((key, item, prefix, worst))
-                batch = [(k, i, p) for k, i, p, _ in fits]
+                    fits.append((key, item, prefix))
+                    pending.append(worst)
+                batch = fits
                 if not batch:
                     break
             # one batch of prefixes shares a seed derived from its first key: a rerun after a
@@ -295,17 +295,8 @@ class SipfController(LoopController):
             seed = int(hashlib.sha256(batch[0][0].encode()).hexdigest()[:8], 16)
             requests = [Request(id=key, messages=self._rollout_messages(item, prefix)) for key, item, prefix in batch]
             answers = ray.get(simulator.generate.remote(requests, sampling.model_copy(update={"seed": seed})))
-            entries = []
-            for (key, item, prefix), answer in zip(batch, answers):
-                if isinstance(answer, str):
-                    entries.append({"key": key, "round": round_index, "seed_id": item["id"], "attempt": 0,
-                                    "prompt_tokens": 0, "completion_tokens": 0, "error": answer})
-                    continue
-                entries.append({"key": key, "round": round_index, "seed_id": item["id"], "attempt": 0,
-                                "prompt_tokens": answer[0].prompt_tokens,
-                                "completion_tokens": sum(c.completion_tokens for c in answer),
-                                "texts": [c.text for c in answer]})
-            self.ledger.record(entries)
+            self.ledger.record([paid_entry(key, round_index, item["id"], answer)
+                                for (key, item, _), answer in zip(batch, answers)])
             batches += 1
             faults.maybe_kill(self.run_dir, "rollout", round_index, batches)
             if stopped:
