@@ -21,12 +21,34 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # no dashboard on a local Ray (a process and ports a CLI run does not need); every
+        # worker process then drops the one warning that its absence causes (see below)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "raypost.runtime.quiet_worker_logs"})
     from ray.data import DataContext
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+class _DropMessage:
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether
+    the train controller lives, every second of every fit; without a dashboard each ask logs a
+    warning, dozens per training stage in the user's console. The cleaner only matters when a
+    controller dies without cleaning up, which a local Ray ends with the driver anyway."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
+        _DropMessage("Failed to query Ray Train Controller actor state"))
 
 
 def cpu_has_native_bf16() -> bool:

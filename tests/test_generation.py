@@ -105,6 +105,9 @@ def interrupt_after(parts):
     records.write_part = writing_then_interrupting
 
 if __name__ == "__main__":
+    # a background job of a non-interactive shell starts with SIGINT ignored, and a child
+    # inherits that: Ctrl-C must behave as it does for a user at a terminal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if len(sys.argv) > 4:
         interrupt_after(int(sys.argv[4]))
     ensure_ray(num_cpus=2)

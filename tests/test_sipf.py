@@ -77,6 +77,7 @@ def test_pairs_take_the_widest_gaps_first_and_fresh_paths_before_reused_ones():
     ({"train": {"method": "sft"}}, "train.method must be orpo or dpo, not 'sft'"),
     ({"sipf": {"split": {"by": "regex", "pattern": "("}}}, "pattern '(':"),
     ({"pool": {"path": "pool.jsonl", "answer_field": None}}, "the pool needs gold answers"),
+    ({"sipf": {"warmup_pool": {"synth": {"n": 8, "levels": "1", "seed": 4}}}}, "warmup_pool is given but warmup is not"),
 ])
 def test_a_sipf_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change, message):
     (tmp_path / "pool.jsonl").write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
@@ -157,6 +158,8 @@ def test_a_sipf_round_scores_steps_by_rollouts_and_trains_orpo_on_the_pairs(fini
 @pytest.mark.slow
 def test_sipf_killed_while_rolling_out_resumes_with_no_rollout_paid_twice(
         finished_sipf, tiny_model, tmp_path, ray_local):
+    from raypost.loop.controller import run_loop
+
     reference, reference_rounds = finished_sipf
     path = sipf_recipe(tmp_path, tiny_model)
     run_dir = tmp_path / "runs" / "sipf"
@@ -175,8 +178,8 @@ def test_sipf_killed_while_rolling_out_resumes_with_no_rollout_paid_twice(
         assert process.returncode == -signal.SIGKILL, f"{fault}: rc {process.returncode}\n{output[-3000:]}"
         if fault == "rollout:1:1":   # killed after the first batch of rollouts: that batch is kept, no more
             assert len(Ledger(run_dir / "ledger.jsonl").entries) == min(16, len(reference_ledger.entries))
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # the run that goes to the end, in this process (its modules are loaded already)
+    run_loop(load_recipe(path, schema=LoopRecipe))
     ours = Ledger(run_dir / "ledger.jsonl")
     assert sorted(ours.entries) == sorted(reference_ledger.entries) and ours.totals() == reference_ledger.totals()
     lines = (run_dir / "ledger.jsonl").read_text().splitlines()

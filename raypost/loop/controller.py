@@ -197,20 +197,23 @@ class LoopController:
             _write_json(path, {"digest": digest, "settings": settings})
 
     def _pool(self) -> list[dict]:
-        pool = self.config.pool
-        path = self.run_dir / "pool.jsonl"
+        return self._load_pool(self.config.pool, self.run_dir / "pool.jsonl", "pool")
+
+    def _load_pool(self, pool, path: Path, name: str, exclude_also: set[str] = frozenset()) -> list[dict]:
+        """A pool's rows, stored in the run dir the first time (a rerun reads the same rows).
+        Synthesized questions never repeat an eval question, nor one of `exclude_also`."""
         if not path.exists():
             if pool.synth is not None:
                 from raypost.tasks import arith
 
-                exclude = set(arith.read_questions(self.config.eval.path))
+                exclude = set(arith.read_questions(self.config.eval.path)) | set(exclude_also)
                 items = arith.synthesize(pool.synth.n, arith.parse_levels(pool.synth.levels), pool.synth.seed,
                                          distractors=pool.synth.distractors, exclude=exclude,
                                          id_prefix=f"seed{pool.synth.seed}")
                 rows = [{"id": i.id, "question": i.question, "answer": i.answer, "group": str(i.level)} for i in items]
             else:
                 rows = _load_items(pool.path, pool.question_field, pool.answer_field, pool.group_by,
-                                   self.run_dir / "rejected" / "pool.jsonl")
+                                   self.run_dir / "rejected" / f"{name}.jsonl")
             _write_jsonl(path, rows)
         return _read_jsonl(path)
 

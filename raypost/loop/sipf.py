@@ -126,17 +126,25 @@ class SipfController(LoopController):
         if (directory / "train.json").exists():
             return
         started = time.perf_counter()
+        items = self.pool
+        if self.sipf.warmup_pool is not None:
+            items = self._load_pool(self.sipf.warmup_pool, self.run_dir / "warmup_pool.jsonl", "warmup_pool",
+                                    exclude_also={i["question"] for i in self.pool})
+            # a file pool may share questions with the loop's: those stay out of the warm-up
+            items = [i for i in items if i["question"] not in {p["question"] for p in self.pool}]
         data = directory / "warmup_data.jsonl"
         _write_jsonl(data, [{"messages": [*self._messages(i["question"]), {"role": "assistant", "content": i["answer"]}]}
-                            for i in self.pool])
+                            for i in items if i.get("answer")])
         callback = faults.training_callback(self.run_dir, 0)
         outcome = train(self.sipf.warmup, model=self.base_model, dataset=data, output_dir=directory / "train",
                         resume=True, cache_dir=self.recipe.cache_dir, callbacks=[callback] if callback else None)
         losses = [h["loss"] for h in outcome.history if "loss" in h]
-        _write_json(directory / "train.json", {"model": outcome.model_dir, "rows": len(self.pool),
+        rows = outcome.rows
+        _write_json(directory / "train.json", {"model": outcome.model_dir, "rows": rows,
                                                "steps": outcome.steps, "loss": losses[-1] if losses else None,
                                                "seconds": time.perf_counter() - started})
-        self.log(f"round 0: warm-up SFT on {len(self.pool)} gold solutions, {outcome.steps} steps")
+        source = "the warm-up pool's" if self.sipf.warmup_pool is not None else "the pool's"
+        self.log(f"round 0: warm-up SFT on {rows} of {source} gold solutions, {outcome.steps} steps")
 
     # --- a round -----------------------------------------------------------------------------
 
@@ -206,7 +214,7 @@ class SipfController(LoopController):
             "max_tokens": self.sipf.max_tokens, "logprobs": None, "seed": self.config.seed * 1000 + round_index})
         answers = self._answer(self.student, questions, lambda i: self._messages(i["question"]), sampling)
         faults.maybe_kill(self.run_dir, "sample", round_index)
-        paths, sampled = [], 0
+        paths, sampled, tokens = [], 0, 0
         for item, answer in zip(questions, answers):
             if isinstance(answer, str):
                 rejected.append({"id": item["id"], "reason": f"sampling failed: {answer}"})
@@ -214,6 +222,7 @@ class SipfController(LoopController):
             seen: set[str] = set()
             for completion in answer:
                 sampled += 1
+                tokens += completion.completion_tokens or 0
                 text = completion.text
                 steps = split_steps(text, self.sipf.split)
                 if not steps:
@@ -226,7 +235,8 @@ class SipfController(LoopController):
                 paths.append({"question_id": item["id"], "group": item["group"], "index": len(seen) - 1,
                               "text": text, "steps": [[s.start, s.end] for s in steps],
                               "correct": bool(_is_correct(text, item["answer"]))})
-        result = {"questions": len(questions), "paths_sampled": sampled, "paths_unique": len(paths),
+        result = {"questions": len(questions), "paths_sampled": sampled, "completion_tokens": tokens,
+                  "paths_unique": len(paths),
                   "paths_correct": sum(p["correct"] for p in paths), "rejected": len(rejected),
                   "rejected_reasons": sorted({r["reason"] for r in rejected}),
                   "seconds": time.perf_counter() - started}
