@@ -10,9 +10,11 @@ run, then reads its round records and per-item eval results:
   `last_minus_sft` with its paired bootstrap 95% interval over the same held-out items;
 - `round_seconds` (each round's phases) and `run_seconds` (the whole command, when it ran one);
 - `rollouts_per_question`: rollout sequences per sampled question, each round;
-- `rollout_tok_s` and `sample_tok_s`: completion tokens per second of the rollout phase and of the
-  bare sampling phase on the same engine, and their ratio `rollout_vs_bare_tok_s` (continuing an
-  open assistant turn from a prefix against sampling from the question alone).
+- `rollout_tok_s` and `sample_tok_s`: completion tokens per second of each round's rollout phase
+  and sampling phase (same engine actor), and their ratio `rollout_vs_sample_tok_s`;
+- `rollout_vs_bare_tok_s` (goal >= 0.9): round 1's rollout phase through raypost (a Ray actor,
+  the ledger fsynced per batch, budget checks) over the bare engine in this process on the same
+  prefixes, model, engine and sampling settings (`bare_rollout_round1`).
 Last line: one JSON object.
 """
 
@@ -50,7 +52,7 @@ def summarize(run_dir: Path) -> dict:
     ledger = Ledger(run_dir / "ledger.jsonl")
     out: dict = {"run_dir": str(run_dir), "rounds": len(rounds) - 1, "strategy": rounds[-1].get("strategy"),
                  "accuracy": {}, "accuracy_ci95": {}, "per_level": {}, "round_seconds": {},
-                 "rollouts_per_question": {}, "rollout_tok_s": {}, "sample_tok_s": {}, "rollout_vs_bare_tok_s": {},
+                 "rollouts_per_question": {}, "rollout_tok_s": {}, "sample_tok_s": {}, "rollout_vs_sample_tok_s": {},
                  "pairs": {}, "pool_accuracy": {}}
     correct_by_round = {}
     for record in rounds:
@@ -75,7 +77,7 @@ def summarize(run_dir: Path) -> dict:
                         if sample.get("completion_tokens") and sample.get("seconds") else None)
         out["rollout_tok_s"][r] = None if rollout_tok_s is None else round(rollout_tok_s, 1)
         out["sample_tok_s"][r] = None if sample_tok_s is None else round(sample_tok_s, 1)
-        out["rollout_vs_bare_tok_s"][r] = (round(rollout_tok_s / sample_tok_s, 3)
+        out["rollout_vs_sample_tok_s"][r] = (round(rollout_tok_s / sample_tok_s, 3)
                                            if rollout_tok_s and sample_tok_s else None)
     last = max(correct_by_round)
     shared = sorted(set(correct_by_round[0]) & set(correct_by_round[last]))
@@ -89,15 +91,57 @@ def summarize(run_dir: Path) -> dict:
     return out
 
 
+def bare_rollouts(run_dir: Path, round_index: int = 1, limit: int | None = None) -> dict:
+    """Round `round_index`'s rollout prefixes (the first `limit`, in the order the loop sent them),
+    continued by the bare engine in this process (no Ray, no loop, no ledger), with the same model,
+    engine and sampling settings."""
+    from raypost.config import EngineConfig, SamplingConfig
+    from raypost.engines import build_engine
+    from raypost.engines.base import Request
+
+    settings = json.loads((run_dir / "loop.json").read_text())["settings"]
+    sipf = settings["sipf"]
+    pool = {r["id"]: r for r in _rows(run_dir / "pool.jsonl")}
+    system = settings["pool"].get("system_prompt")
+    prefixes: dict[tuple[str, str], list[dict]] = {}
+    for path in _rows(run_dir / f"round_{round_index}" / "paths.jsonl"):
+        for _, end in path["steps"][:-1]:
+            question = pool[path["question_id"]]["question"]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": question}, {"role": "assistant", "content": path["text"][:end]}]
+            prefixes.setdefault((path["question_id"], path["text"][:end]), messages)
+    if not prefixes:
+        return {"prefixes": 0}
+    model = _rows(run_dir / "rounds.jsonl")[round_index - 1]["model"]
+    engine_config = EngineConfig.model_validate(settings["student"]["engine"])
+    sampling = SamplingConfig.model_validate({**settings["student"]["sampling"], "n": sipf["k"],
+                                              "temperature": sipf["temperature"], "top_p": sipf["top_p"],
+                                              "max_tokens": sipf["rollout_max_tokens"], "logprobs": None, "seed": 0})
+    engine = build_engine(model, engine_config)
+    requests = [Request(id=str(i), messages=m) for i, m in enumerate(prefixes.values())][:limit]
+    started = time.perf_counter()
+    tokens = 0
+    for start in range(0, len(requests), engine_config.batch_size):
+        for samples in engine.generate(requests[start:start + engine_config.batch_size], sampling):
+            tokens += sum(c.completion_tokens for c in samples)
+    seconds = time.perf_counter() - started
+    engine.close()
+    return {"prefixes": len(requests), "tokens": tokens, "seconds": round(seconds, 1), "tok_s": round(tokens / seconds, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "sipf.yaml"))
     parser.add_argument("--output-dir", help="where the run goes (default: a fresh temporary dir)")
     parser.add_argument("--run-dir", help="a finished run to read instead of running one")
     parser.add_argument("overrides", nargs="*", metavar="a.b=value")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare-engine baseline")
+    parser.add_argument("--bare-prefixes", type=int, default=64,
+                        help="prefixes the bare baseline continues (0: all of round 1's)")
     args = parser.parse_args()
     if args.run_dir:
-        result = summarize(Path(args.run_dir))
+        run_dir = Path(args.run_dir)
+        result = summarize(run_dir)
     else:
         output = Path(args.output_dir or tempfile.mkdtemp(prefix="raypost-bench-sipf-"))
         started = time.perf_counter()
@@ -105,8 +149,15 @@ def main() -> None:
         completed = subprocess.run(command, cwd=REPO)
         if completed.returncode != 0:
             raise SystemExit(f"raypost sipf exited {completed.returncode}")
+        run_dir = output
         result = {**summarize(output), "run_seconds": round(time.perf_counter() - started, 1),
                   "recipe": args.recipe, "overrides": args.overrides}
+    rollout_tok_s = result["rollout_tok_s"].get(1)
+    if not args.no_bare and rollout_tok_s:
+        bare = bare_rollouts(run_dir, 1, args.bare_prefixes or None)
+        result["bare_rollout_round1"] = bare
+        # the goal: raypost's rollout phase (Ray actor, ledger, budget checks) >= 0.9 of the bare engine
+        result["rollout_vs_bare_tok_s"] = round(rollout_tok_s / bare["tok_s"], 3) if bare.get("tok_s") else None
     print(json.dumps(result))
 
 
