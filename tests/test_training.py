@@ -286,9 +286,8 @@ def test_recipe_two_stage_sft_then_kto(tmp_path, tiny_model, ray_local):
     # a second model by path, read by the merge only: its identity is its content, not where it lives
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
-    recipe["models"]["other"] = str(other)
     recipe["stages"].append({"kind": "merge", "name": "merged", "method": "linear",
-                             "models": ["stage:sft", "other"]})
+                             "models": ["stage:sft", str(other)]})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     summaries = run_recipe(load_recipe(path))
