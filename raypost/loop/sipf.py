@@ -128,10 +128,11 @@ class SipfController(LoopController):
         started = time.perf_counter()
         items = self.pool
         if self.sipf.warmup_pool is not None:
+            pool_questions = {i["question"] for i in self.pool}
             items = self._load_pool(self.sipf.warmup_pool, self.run_dir / "warmup_pool.jsonl", "warmup_pool",
-                                    exclude_also={i["question"] for i in self.pool})
+                                    exclude_also=pool_questions)
             # a file pool may share questions with the loop's: those stay out of the warm-up
-            items = [i for i in items if i["question"] not in {p["question"] for p in self.pool}]
+            items = [i for i in items if i["question"] not in pool_questions]
         data = directory / "warmup_data.jsonl"
         _write_jsonl(data, [{"messages": [*self._messages(i["question"]), {"role": "assistant", "content": i["answer"]}]}
                             for i in items if i.get("answer")])
