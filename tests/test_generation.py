@@ -7,13 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from raypost import records, schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
-from raypost.generation.pipeline import generate
+from raypost.generation.pipeline import generate, generate_files
+from raypost.records import DataError, PromptFormat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,32 +86,172 @@ def test_openai_backend_failures_become_rejected_rows(tmp_path, ray_local):
     assert {r["response"] for r in records.read_rows(tmp_path / "gen")} == {"0", "4"}
 
 
+QUESTION = PromptFormat(prompt_field="question", id_field="qid", reference_field="answer")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def questions(start: int, stop: int) -> list[dict]:
+    return [{"qid": f"id{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(start, stop)]
+
+
+def test_bad_inputs_stop_before_any_actor_starts_naming_the_path(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def refused(inputs, fmt=QUESTION) -> str:
+        with pytest.raises(DataError) as error:
+            generate_files(inputs, fmt, model="gold", output_dir=tmp_path / "out",
+                           engine=EngineConfig(backend="reference"), progress=False)
+        return str(error.value)
+
+    assert refused(str(tmp_path / "missing.jsonl")) == f"{tmp_path / 'missing.jsonl'}: no such file or directory"
+    assert refused(str(tmp_path / "shards" / "*.jsonl")).endswith("the pattern matches no file")
+    assert "no filesystem for nosuchfs:// is installed" in refused("nosuchfs://bucket/prompts.jsonl")
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"text": ["a question"], "qid": ["x"]}), wrong)
+    assert refused(str(wrong)) == f"{wrong}: no column 'question' (prompt_field); the file has ['qid', 'text']"
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_files_are_read_on_the_workers_and_resume_by_key(tmp_path, ray_local):
+    """Two JSONL shards with bad lines and an id repeated across them, then a rerun asking one
+    more sample per prompt: every (id, sample) once, every bad row set aside with file and line."""
+    shards = tmp_path / "shards"
+    first = write_jsonl(shards / "a.jsonl", [*questions(0, 6), "{not json", {"qid": "idx", "answer": "1"}])
+    second = write_jsonl(shards / "b.jsonl", [questions(3, 4)[0], *questions(6, 10)])
+    out = tmp_path / "gen"
+
+    def run(n: int):
+        return generate_files(str(shards / "*.jsonl"), QUESTION, model="gold", output_dir=out,
+                              engine=EngineConfig(backend="reference", batch_size=3),
+                              sampling=SamplingConfig(n=n, max_tokens=8), progress=False)
+
+    summary = run(2)
+    rows = records.read_rows(out)
+    assert sorted((r["id"], r["sample_index"]) for r in rows) == sorted((f"id{i}", k) for i in range(10) for k in (0, 1))
+    assert {r["response"] for r in rows if r["id"] == "id3"} == {"6"}
+    assert summary.rows_written == 20 and summary.rows_rejected == 3 and summary.rows_total == 20
+    reasons = {r["source"]: r["reason"] for r in records.read_rows(out / "rejected")}
+    assert reasons[f"{first}:7"].startswith("invalid JSON")
+    assert reasons[f"{first}:8"] == "missing field 'question'"
+    assert reasons[f"{second}:1"] == "duplicate id"   # id3 came first in a.jsonl
+
+    again = run(3)
+    rows = records.read_rows(out)
+    assert sorted((r["id"], r["sample_index"]) for r in rows) == sorted((f"id{i}", k) for i in range(10) for k in range(3))
+    assert again.rows_written == 10 and again.rows_skipped == 20
+    assert len(records.read_rows(out / "rejected")) == 3   # set aside again under the same names, not twice
+
+
+KILL_SCRIPT = """
+import sys
+from raypost.config import EngineConfig, Resources, SamplingConfig
+from raypost.generation.pipeline import generate_files
+from raypost.records import PromptFormat
+from raypost.runtime import ensure_ray
+
+if __name__ == "__main__":
+    ensure_ray(num_cpus=2)
+    s = generate_files(sys.argv[1], PromptFormat(prompt_field="question", id_field="qid", reference_field="answer"),
+                       model="gold", output_dir=sys.argv[2], engine=EngineConfig(backend="reference", batch_size=50),
+                       sampling=SamplingConfig(max_tokens=8), resources=Resources(concurrency=2, cpus_per_actor=0.5),
+                       progress=False)
+    print("WRITTEN", s.rows_written, "SKIPPED", s.rows_skipped, flush=True)
+"""
+
+
+def test_a_driver_killed_mid_run_resumes_with_every_key_once(tmp_path):
+    script = tmp_path / "gen.py"
+    script.write_text(KILL_SCRIPT)
+    source = write_jsonl(tmp_path / "prompts.jsonl", questions(0, 2000))
+    out = tmp_path / "gen"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, str(script), str(source), str(out)]
+    killed = subprocess.run(command, env={**env, "RAYPOST_GENERATE_FAULT": "KILL:3"}, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    done_before = records.count_rows(out)
+    assert 150 <= done_before < 2000   # at least the killing actor's 3 parts of 50
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ids = [r["id"] for r in records.read_rows(out)]
+    assert len(ids) == 2000 and set(ids) == {f"id{i}" for i in range(2000)}
+    assert f"WRITTEN {2000 - done_before} SKIPPED {done_before}" in result.stdout
+
+
+NODE_SCRIPT = """
+import sys
+from raypost.config import EngineConfig, Resources, SamplingConfig
+from raypost.generation.pipeline import generate_files
+from raypost.records import PromptFormat
+
+if __name__ == "__main__":
+    s = generate_files(sys.argv[1], PromptFormat(prompt_field="question", id_field="qid", reference_field="answer"),
+                       model="gold", output_dir=sys.argv[2], engine=EngineConfig(backend="reference", batch_size=20),
+                       sampling=SamplingConfig(max_tokens=8, n=2), resources=Resources(concurrency=2), progress=False)
+    print("WRITTEN", s.rows_written, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_generation_on_two_nodes_survives_losing_one(tmp_path):
+    """Engine actors on two worker nodes; one node is removed while its actor is known to be
+    mid-batch (it holds at a gate after its 2nd part): the job finishes on the other node and
+    every (id, sample) is there exactly once."""
+    from ray.cluster_utils import Cluster
+
+    script = tmp_path / "gen.py"
+    script.write_text(NODE_SCRIPT)
+    source = write_jsonl(tmp_path / "prompts.jsonl", questions(0, 600))
+    out, gate = tmp_path / "gen", tmp_path / "gate"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        # 3 CPUs a worker: the survivor must hold both engine actors and still run the light tasks
+        workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
+        cluster.wait_for_nodes()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": cluster.address,
+               "RAYPOST_GENERATE_FAULT": f"hold:2:{gate}"}
+        process = subprocess.Popen([sys.executable, str(script), str(source), str(out)], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            arrived = []
+            for _ in range(6000):   # both actors reach the gate (an event, bounded at 10 minutes)
+                arrived = sorted(tmp_path.glob("gate.arrived-*"))
+                if len(arrived) == 2 or process.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert len(arrived) == 2, process.communicate()[0][-3000:] if process.poll() is not None else arrived
+            nodes = {path.name.split("-")[1] for path in arrived}
+            assert nodes <= {w.node_id for w in workers} and len(nodes) == 2   # one actor on each worker node
+            cluster.remove_node(next(w for w in workers if w.node_id == sorted(nodes)[0]))
+            gate.touch()
+            output, _ = process.communicate(timeout=600)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 0, output[-3000:]
+        keys = [(r["id"], r["sample_index"]) for r in records.read_rows(out)]
+        assert sorted(keys) == sorted((f"id{i}", k) for i in range(600) for k in (0, 1))
+    finally:
+        cluster.shutdown()
+
+
 RESUME_SCRIPT = """
-import os, signal, sys
-from raypost import records
+import signal, sys
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.generation.pipeline import generate
 from raypost.runtime import ensure_ray
-
-def interrupt_after(parts):
-    # Ctrl-C at a known point (right after the driver stored its Nth part), not after a sleep:
-    # a fast machine must not finish every row before the interrupt arrives.
-    write_part, written = records.write_part, []
-    def writing_then_interrupting(*args, **kwargs):
-        result = write_part(*args, **kwargs)
-        if result is not None:
-            written.append(result)
-        if result is not None and len(written) == parts:
-            os.killpg(os.getpgid(0), signal.SIGINT)
-        return result
-    records.write_part = writing_then_interrupting
 
 if __name__ == "__main__":
     # a background job of a non-interactive shell starts with SIGINT ignored, and a child
     # inherits that: Ctrl-C must behave as it does for a user at a terminal
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if len(sys.argv) > 4:
-        interrupt_after(int(sys.argv[4]))
     ensure_ray(num_cpus=2)
     rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Count to {i}"}], "reference": None}
             for i in range(int(sys.argv[3]))]
@@ -126,7 +268,9 @@ def test_interrupted_run_resumes_and_every_id_lands_exactly_once(tiny_model, tmp
     out = tmp_path / "gen"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, str(script), str(tiny_model), str(out), "40"]
-    process = subprocess.Popen([*command, "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # Ctrl-C at a known point (the engine actor has committed its 2nd part), not after a sleep:
+    # a fast machine must not finish every row before the interrupt arrives
+    process = subprocess.Popen(command, env={**env, "RAYPOST_GENERATE_FAULT": "INT:2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     output, _ = process.communicate(timeout=600)
     assert process.returncode != 0 and "WRITTEN" not in output, output[-2000:]   # it was interrupted mid-run

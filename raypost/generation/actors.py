@@ -5,21 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
+import pyarrow as pa
 
 from raypost import schema
+from raypost.generation import batches, faults
 from raypost.config import EngineConfig, SamplingConfig
 from raypost.engines.base import Completion, Request
-
-
-def _to_list(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return [_to_list(v) for v in value.tolist()]
-    if isinstance(value, list):
-        return [_to_list(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_list(v) for k, v in value.items()}
-    return value
 
 
 def completion_row(row: dict[str, Any], completion: Completion | None, engine: str, model: str,
@@ -46,26 +37,30 @@ def completion_row(row: dict[str, Any], completion: Completion | None, engine: s
 class EngineActor:
     """Holds one engine for its lifetime; Ray Data calls it with batches of per-sample rows.
 
-    A failing batch is retried row by row so one bad row is reported (in `error`) instead of
-    failing the job.
+    It writes what it generated itself (a part per batch, see batches.write_outputs) and hands
+    Ray Data only a row of counts, so no generated row passes through the driver. A failing
+    batch is retried row by row so one bad row is set aside with its reason instead of failing
+    the job.
     """
 
     def __init__(self, model: str, engine_config: dict[str, Any], sampling: dict[str, Any],
-                 cache_dir: str | None, model_label: str):
+                 cache_dir: str | None, model_label: str, output_dir: str, rejected_dir: str, source: str,
+                 fault: dict | None = None):
         from raypost.engines import build_engine
 
         self.engine_config = EngineConfig.model_validate(engine_config)
         self.sampling = SamplingConfig.model_validate(sampling)
         self.engine = build_engine(model, self.engine_config, cache_dir)
         self.model_label = model_label
+        self.output = dict(output_dir=output_dir, rejected_dir=rejected_dir, source=source)
+        self.fault = None if fault is None else faults.WorkerFault(**fault)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        rows = [
-            {key: _to_list(batch[key][i]) for key in batch}
-            for i in range(len(batch[schema.ID]))
-        ]
-        out = self._run(rows)
-        return {key: [r[key] for r in out] for key in out[0]} if out else {}
+    def __call__(self, table: pa.Table) -> pa.Table:
+        out = self._run(table.to_pylist())
+        stats = batches.write_outputs(pa.Table.from_pylist(out, schema=batches.GENERATED_SCHEMA), **self.output)
+        if self.fault is not None:
+            self.fault.part_written()
+        return stats
 
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Rows with the same seed share one engine call; samples get seed + sample_index so

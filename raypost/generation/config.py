@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -10,7 +11,9 @@ from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel,
 
 
 class InputConfig(StrictModel):
-    """Where a stage's rows come from: a file, or the output of an earlier stage by name."""
+    """Where a stage's rows come from: files (a path, a directory, a glob, or a URI of any
+    filesystem pyarrow or fsspec can open, e.g. s3://bucket/prompts/*.jsonl), or the output of an
+    earlier stage by name."""
 
     path: str | None = None
     stage: str | None = None
@@ -29,7 +32,30 @@ class InputConfig(StrictModel):
     @field_validator("path")
     @classmethod
     def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if "://" in value or any(c in value for c in "*?["):
+            return _existing_pattern(value, info)
         return existing_data_path(value, info)
+
+
+def _existing_pattern(value: str, info: ValidationInfo) -> str:
+    """A URI or glob must match something now: the recipe fails when it loads, not mid-run."""
+    from raypost.generation.sources import resolve_inputs
+    from raypost.records import DataError
+
+    candidates = [value]
+    recipe_path = (info.context or {}).get("recipe_path")
+    if "://" not in value and not Path(value).is_absolute() and recipe_path:
+        candidates.append(str(Path(recipe_path).parent / value))
+    error = None
+    for candidate in candidates:
+        try:
+            resolve_inputs(candidate)
+            return candidate
+        except DataError as e:
+            error = error or e
+    raise ValueError(str(error))
 
 
 class GenerateStage(StrictModel):

@@ -1,27 +1,38 @@
-"""Teacher generation on Ray Data: prompt rows -> engine actors -> Parquet parts.
+"""Teacher generation on Ray Data: prompt rows -> engine actors -> Parquet parts, on the workers.
 
-    generate(prompts, model=..., engine=..., sampling=..., output_dir=...)
+    generate_files("prompts/*.jsonl", fmt, model=..., output_dir=...)   # files, read by Ray Data
+    generate(rows, model=..., output_dir=...)                            # rows already in memory
 
-The driver checks prompts (shape, context length), skips what an earlier run already wrote,
-streams the rest through engine actors, and writes each finished batch as one atomic Parquet
-part: a crash or Ctrl-C loses at most the batches in flight, and every (id, sample) lands
-exactly once. Bad rows go to `<output_dir>/rejected/` with their reason.
+The driver plans and counts; the workers read and validate the input, expand samples, subtract
+what an earlier run committed (a left-anti join on Ray Data), check the context length, run
+the engines and commit every finished batch as one Parquet part named by its keys. A crash, a
+Ctrl-C or a lost node loses at most the batches in flight, and every (id, sample) lands exactly
+once. Bad rows go to `<output_dir>/rejected/` with their location and reason.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from raypost import records, schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.engines import pick_backend
+from raypost.generation import batches, faults, sources
 
 
 MIN_STEADY_SECONDS = 1.0
+# rows -> checks -> rows: light steps that must not hold a CPU an engine actor needs
+LIGHT_CPUS = 0.1
+BROADCAST_KEYS = 200_000
 
 
 @dataclass
@@ -58,29 +69,6 @@ class GenerationSummary:
         )
 
 
-def done_keys(output_dir: Path) -> set[tuple[str, int]]:
-    table = records.read_table(output_dir, columns=[schema.ID, schema.SAMPLE_INDEX])
-    if table is None:
-        return set()
-    return set(zip(table.column(schema.ID).to_pylist(), table.column(schema.SAMPLE_INDEX).to_pylist()))
-
-
-def check_context_length(rows: list[dict[str, Any]], tokenizer: Any, max_model_len: int, max_tokens: int,
-                         source: str) -> tuple[list[dict[str, Any]], list[records.Rejected]]:
-    """Set aside prompts that leave no room for an answer in the model's context."""
-    from raypost.engines.chat import count_prompt_tokens
-
-    kept, rejected = [], []
-    for row in rows:
-        n = count_prompt_tokens(tokenizer, row[schema.MESSAGES])
-        if n >= max_model_len:
-            rejected.append(records.Rejected(row[schema.ID], row, source,
-                                             f"prompt has {n} tokens; the model's context is {max_model_len}"))
-        else:
-            kept.append(row)
-    return kept, rejected
-
-
 def model_context_length(model_path: Path, engine: EngineConfig) -> int:
     if engine.max_model_len:
         return engine.max_model_len
@@ -88,6 +76,7 @@ def model_context_length(model_path: Path, engine: EngineConfig) -> int:
 
     config = AutoConfig.from_pretrained(model_path)
     return int(getattr(config, "max_position_embeddings", 2048))
+
 
 
 def generate(
@@ -103,142 +92,219 @@ def generate(
     source: str = "prompts",
     progress: bool = True,
 ) -> GenerationSummary:
-    """Generate `sampling.n` responses per prompt row (prompt schema) into `output_dir`.
-
-    `rejected` carries rows an earlier step (the file loader) already set aside, so they are
-    counted and stored with the rest. Returns counts and throughput; the rows are in
-    `output_dir` as Parquet (`ray.data.read_parquet(output_dir)`).
+    """Generate `sampling.n` responses per prompt row (prompt schema, already in memory) into
+    `output_dir`. `rejected` carries rows an earlier step already set aside, so they are stored
+    with the rest. For prompt files use `generate_files`: their rows never pass through the driver.
     """
     from raypost.runtime import ensure_ray
 
     engine = engine or EngineConfig()
+    started = time.perf_counter()
+    rejected_dir = Path(output_dir) / "rejected"
+    batches.reject(str(rejected_dir), [
+        {schema.ID: r.id, "row": json.dumps(r.row, default=str, ensure_ascii=False), "source": r.source, "reason": r.reason}
+        for r in rejected
+    ])
+    table = pa.Table.from_pylist([
+        {schema.ID: row[schema.ID], schema.MESSAGES: row[schema.MESSAGES], schema.REFERENCE: row.get(schema.REFERENCE),
+         "order": i, "location": f"{source}:{i}", "raw": None, "error": None}
+        for i, row in enumerate(prompts)
+    ], schema=sources.READ_SCHEMA)
+    ensure_ray()
+    import ray
+
+    # blocks of one engine batch, so that every actor of the pool gets work
+    step = max(1, engine.batch_size)
+    dataset = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
+    return _run(dataset, {}, model=model, output_dir=Path(output_dir), engine=engine, sampling=sampling,
+                resources=resources, cache_dir=cache_dir, source=source, progress=progress, started=started,
+                total=table.num_rows * (sampling or SamplingConfig()).n)
+
+
+def generate_files(
+    inputs: str | Sequence[str],
+    fmt: records.PromptFormat,
+    *,
+    model: str,
+    output_dir: str | Path,
+    engine: EngineConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    resources: Resources | None = None,
+    cache_dir: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> GenerationSummary:
+    """Generate from prompt files (paths, globs, directories or URIs) read by Ray Data on the
+    workers. Bad inputs (a missing path, a pattern that matches nothing, an uninstalled
+    filesystem, a Parquet file without the prompt column) stop here, before any actor starts."""
+    from raypost.runtime import ensure_ray
+
+    started = time.perf_counter()
+    files = sources.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
+    sources.check_schemas(files, fmt)
+    ensure_ray()
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    keep_order = context.execution_options.preserve_order
+    try:
+        engine = engine or EngineConfig()
+        rows_per_block = min(sources.ROWS_PER_BLOCK, engine.batch_size * sources.BATCHES_PER_BLOCK)
+        dataset = sources.read_prompts(files, fmt, rows_per_block)
+        if limit is not None:
+            # "the first N rows" must be the same N rows in the duplicate pass, the run and a rerun
+            context.execution_options.preserve_order = True
+            dataset = dataset.limit(limit)
+        duplicates = find_duplicates(dataset)
+        return _run(dataset, duplicates, model=model, output_dir=Path(output_dir), engine=engine,
+                    sampling=sampling, resources=resources, cache_dir=cache_dir, source=files.uri, progress=progress,
+                    started=started, total=None)
+    finally:
+        context.execution_options.preserve_order = keep_order
+
+
+def find_duplicates(dataset) -> dict[str, int]:
+    """{id: order of its first occurrence} for the ids that occur more than once.
+
+    Bounded memory, not a shuffle (a Ray Data groupby cost ~15 s per 100k rows on 2 cores):
+    the read tasks reduce each id to a 64-bit hash (16 bytes a row with its order), one task on
+    a worker finds the hashes seen twice (16 MB per million rows), and only the rows with those
+    hashes come back to the driver, where a hash collision is told apart from a repeat.
+    """
+    import ray
+
+    hashed = dataset.map_batches(batches.id_hashes, batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_CPUS)
+    repeated = ray.get(ray.remote(_repeated_hashes).options(num_cpus=LIGHT_CPUS).remote(*hashed.to_arrow_refs()))
+    if not repeated:
+        return {}
+    rows = dataset.map_batches(batches.rows_with_hashes, batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_CPUS,
+                               fn_kwargs=dict(hashes=repeated)).take_all()
+    first: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for row in rows:
+        seen[row[schema.ID]] = seen.get(row[schema.ID], 0) + 1
+        first[row[schema.ID]] = min(first.get(row[schema.ID], row["order"]), row["order"])
+    return {i: first[i] for i, count in seen.items() if count > 1}
+
+
+def _repeated_hashes(*tables: pa.Table) -> list[int]:
+    if not tables:
+        return []
+    table = pa.concat_tables(tables)
+    counts = table.group_by("hash").aggregate([("hash", "count")])
+    return counts.filter(pc.greater(counts["hash_count"], 1))["hash"].to_pylist()
+
+
+def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, engine: EngineConfig,
+         sampling: SamplingConfig | None, resources: Resources | None, cache_dir: str | None, source: str,
+         progress: bool, started: float, total: int | None) -> GenerationSummary:
+    started_wall = time.time() - (time.perf_counter() - started)
+    import ray
+
     sampling = sampling or SamplingConfig()
     resources = resources or Resources()
-    output_dir = Path(output_dir)
     rejected_dir = output_dir / "rejected"
     backend = pick_backend(engine)
     summary = GenerationSummary(str(output_dir), str(rejected_dir), engine=backend, model=model)
-    started = time.perf_counter()
-    set_aside = list(rejected)
+    done_parts = records.part_files(output_dir)
+    summary.rows_skipped = sum(pq.ParquetFile(p).metadata.num_rows for p in done_parts)
+
+    light = dict(batch_format="pyarrow", zero_copy_batch=True, num_cpus=LIGHT_CPUS)
+    todo = dataset.map_batches(batches.split_prompts, batch_size=None, **light, fn_kwargs=dict(
+        rejected_dir=str(rejected_dir), duplicates=duplicates, n=sampling.n, need_reference=backend == "reference"))
+    if done_parts:
+        # What an earlier run committed is subtracted on the workers, never in a driver-side set:
+        # up to BROADCAST_KEYS keys each worker reads them from the parts (a broadcast join, no
+        # shuffle); above that a hash join partitions both sides across the cluster.
+        if summary.rows_skipped <= BROADCAST_KEYS:
+            todo = todo.map_batches(batches.drop_done, batch_size=None, **light,
+                                    fn_kwargs=dict(done_parts=tuple(str(p) for p in done_parts)))
+        else:
+            done = ray.data.read_parquet([str(p) for p in done_parts], columns=[schema.ID, schema.SAMPLE_INDEX])
+            todo = todo.join(done, join_type="left_anti", on=(schema.ID, schema.SAMPLE_INDEX),
+                             num_partitions=max(1, min(64, summary.rows_skipped // BROADCAST_KEYS + 1)))
+        # with nothing left to do, start no engine (the rows wait in the object store, not here)
+        todo = todo.materialize()
+        if todo.count() == 0:
+            return _finish(summary, started, started_wall)
 
     model_path = None
     if backend in ("vllm", "transformers"):
-        from transformers import AutoTokenizer
-
         from raypost.models import resolve_model
 
         model_path = resolve_model(model, cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        prompts, too_long = check_context_length(
-            list(prompts), tokenizer, model_context_length(model_path, engine), sampling.max_tokens, source)
-        set_aside.extend(too_long)
-    elif backend == "reference":
-        missing = [r for r in prompts if r.get(schema.REFERENCE) is None]
-        set_aside.extend(records.Rejected(r[schema.ID], r, source, "no reference answer") for r in missing)
-        prompts = [r for r in prompts if r.get(schema.REFERENCE) is not None]
+        todo = todo.map_batches(batches.check_context, batch_size=None, **light, fn_kwargs=dict(
+            model_path=str(model_path), max_model_len=model_context_length(model_path, engine),
+            rejected_dir=str(rejected_dir), source=source, render=backend == "vllm"))
+    output = dict(output_dir=str(output_dir), rejected_dir=str(rejected_dir), source=source)
+    if backend == "vllm":
+        from raypost.engines.shm_cleanup import removing_orphaned_segments
+        from raypost.generation.vllm_stage import vllm_generation_stage
 
-    already = done_keys(output_dir)
-    todo = [
-        {**row, schema.SAMPLE_INDEX: k}
-        for row in prompts
-        for k in range(sampling.n)
-        if (row[schema.ID], k) not in already
-    ]
-    summary.rows_skipped = len(prompts) * sampling.n - len(todo)
-    _record_rejected(rejected_dir, set_aside, summary)
+        # Ray kills the engine actors; their vLLM message-queue segments would stay in /dev/shm.
+        with removing_orphaned_segments(wait_seconds=15.0):
+            generated = vllm_generation_stage(todo, model_path, model, engine, sampling, resources)
+            stats = generated.map_batches(_write_vllm_outputs, batch_size=None, **light, fn_kwargs=output)
+            _drain(stats, total, summary, progress, started)
+    else:
+        from raypost.generation.actors import EngineActor
 
-    if todo:
-        ensure_ray()
-        import ray
+        stats = todo.map_batches(
+            EngineActor,
+            fn_constructor_kwargs=dict(
+                model=model if model_path is None else str(model_path), engine_config=engine.model_dump(),
+                sampling=sampling.model_dump(), cache_dir=cache_dir, model_label=model, **output,
+                fault=faults.WorkerFault.spec(output_dir)),
+            batch_size=engine.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
+            num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor,
+        )
+        _drain(stats, total, summary, progress, started)
+    return _finish(summary, started, started_wall)
 
-        if backend == "vllm":
-            from raypost.engines.chat import render_prompt
 
-            for row in todo:
-                row["prompt"] = render_prompt(tokenizer, row[schema.MESSAGES])
-        dataset = ray.data.from_items(todo)
-        if backend == "vllm":
-            from raypost.engines.shm_cleanup import removing_orphaned_segments
-            from raypost.generation.vllm_stage import vllm_generation_stage
+def _write_vllm_outputs(table: pa.Table, **output) -> pa.Table:
+    columns = [f.name for f in batches.GENERATED_SCHEMA]
+    return batches.write_outputs(table.select(columns).cast(batches.GENERATED_SCHEMA), **output)
 
-            # Ray kills the engine actors; their vLLM message-queue segments would stay in /dev/shm.
-            with removing_orphaned_segments(wait_seconds=15.0):
-                generated = vllm_generation_stage(dataset, model_path, model, engine, sampling, resources)
-                _drain(generated, output_dir, rejected_dir, len(todo), summary, source, progress, started)
-        else:
-            generated = _engine_actor_stage(dataset, model if model_path is None else str(model_path), model,
-                                            engine, sampling, resources, cache_dir)
-            _drain(generated, output_dir, rejected_dir, len(todo), summary, source, progress, started)
 
+def _finish(summary: GenerationSummary, started: float, started_wall: float) -> GenerationSummary:
     summary.seconds = time.perf_counter() - started
-    summary.rows_total = records.count_rows(output_dir)
+    summary.rows_total = records.count_rows(summary.output_dir)
+    # every worker commits its rejected rows as parts of their own; those this run committed
+    # (a rerun recommits the same parts under the same names) are this run's rejected rows
+    for part in records.part_files(summary.rejected_dir):
+        if part.stat().st_mtime >= started_wall:
+            reasons = pq.read_table(part, columns=["reason"]).column("reason").to_pylist()
+            summary.rows_rejected += len(reasons)
+            for reason in reasons:
+                key = (reason or "").split(":")[0][:80]
+                summary.reject_reasons[key] = summary.reject_reasons.get(key, 0) + 1
     return summary
 
 
-def _engine_actor_stage(dataset, model_ref: str, model_label: str, engine: EngineConfig, sampling: SamplingConfig,
-                        resources: Resources, cache_dir: str | None):
-    from raypost.generation.actors import EngineActor
-
-    return dataset.map_batches(
-        EngineActor,
-        fn_constructor_kwargs=dict(
-            model=model_ref,
-            engine_config=engine.model_dump(),
-            sampling=sampling.model_dump(),
-            cache_dir=cache_dir,
-            model_label=model_label,
-        ),
-        batch_size=engine.batch_size,
-        compute=__import__("ray").data.ActorPoolStrategy(size=resources.concurrency),
-        num_cpus=resources.cpus_per_actor,
-        num_gpus=resources.gpus_per_actor,
-    )
-
-
-def _drain(generated, output_dir: Path, rejected_dir: Path, total: int, summary: GenerationSummary, source: str,
-           progress: bool, started: float) -> None:
+def _drain(stats, total: int | None, summary: GenerationSummary, progress: bool, started: float) -> None:
+    """Counts from the workers, one small row per committed part: the rows themselves stay there."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc="generate", unit="row", disable=not progress, file=sys.stderr)
     first_batch_at = None
     tokens_after_first = 0
     try:
-        for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = batch.to_pylist()
-            good = [r for r in rows if not r.get("error")]
-            bad = [r for r in rows if r.get("error")]
-            for r in good:
-                r.pop("error", None)
-            records.write_part(output_dir, good, schema.GENERATION_SCHEMA)
-            _record_rejected(
-                rejected_dir,
-                [records.Rejected(r[schema.ID], {k: r[k] for k in (schema.ID, schema.MESSAGES, schema.SAMPLE_INDEX)},
-                                  source, r["error"]) for r in bad],
-                summary,
-            )
-            completion_tokens = sum(r[schema.COMPLETION_TOKENS] or 0 for r in good)
-            summary.rows_written += len(good)
-            summary.prompt_tokens += sum(r[schema.PROMPT_TOKENS] or 0 for r in good)
-            summary.completion_tokens += completion_tokens
+        for part in stats.iter_rows():
+            summary.rows_written += part["rows"]
+            summary.prompt_tokens += part["prompt_tokens"]
+            summary.completion_tokens += part["completion_tokens"]
             now = time.perf_counter()
             if first_batch_at is None:
                 first_batch_at = now
                 summary.startup_seconds = now - started
             else:
-                tokens_after_first += completion_tokens
+                tokens_after_first += part["completion_tokens"]
                 if now - first_batch_at >= MIN_STEADY_SECONDS:
                     summary.steady_tokens_per_second = tokens_after_first / (now - first_batch_at)
             summary.tokens_per_second = summary.completion_tokens / max(now - started, 1e-9)
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{summary.tokens_per_second:.0f}")
+            bar.update(part["rows"] + part["rejected"])
+            bar.set_postfix(tok_s=f"{summary.tokens_per_second:.0f}", rejected=part["rejected"])
     finally:
         bar.close()
-
-
-def _record_rejected(rejected_dir: Path, rows: list[records.Rejected], summary: GenerationSummary) -> None:
-    if not rows:
-        return
-    summary.rows_rejected += records.write_rejected(rejected_dir, rows)
-    for r in rows:
-        key = r.reason.split(":")[0][:80]
-        summary.reject_reasons[key] = summary.reject_reasons.get(key, 0) + 1

@@ -60,7 +60,7 @@ def processor_config(model_path: Path, engine: EngineConfig, resources: Resource
         placement_group_config=placement,
         should_continue_on_error=True,
         log_engine_metrics=False,
-        # The driver already rendered each prompt with the model's chat template (the same
+        # Each prompt is already rendered with the model's chat template (the same
         # render_prompt every engine uses), and vLLM tokenizes and detokenizes itself: Ray's
         # separate template/tokenize/detokenize actors would only add processes (and, at one
         # CPU each by default, deadlock a 2-CPU node next to the engine's bundle).
@@ -128,7 +128,7 @@ def vllm_generation_stage(dataset, model_path: Path, model_label: str, engine: E
             "sampling_params": vllm_sampling_params(sampling, int(row[schema.SAMPLE_INDEX])),
         }
 
-    # rows carry `prompt`, rendered by the driver with the model's chat template
+    # rows carry `prompt`, rendered on the workers with the model's chat template (batches.check_context)
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         return _to_record(row, sampling, model_label)
