@@ -253,9 +253,10 @@ if __name__ == "__main__":
     # inherits that: Ctrl-C must behave as it does for a user at a terminal
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ensure_ray(num_cpus=2)
-    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Count to {i}"}], "reference": None}
+    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Count to {i}"}], "reference": str(i)}
             for i in range(int(sys.argv[3]))]
-    s = generate(rows, model=sys.argv[1], output_dir=sys.argv[2], engine=EngineConfig(backend="transformers", batch_size=2),
+    # the reference engine: what is tested is the interrupt and the resume, not a model
+    s = generate(rows, model="gold", output_dir=sys.argv[2], engine=EngineConfig(backend="reference", batch_size=2),
                  sampling=SamplingConfig(max_tokens=24), resources=Resources(concurrency=1), progress=False)
     print("WRITTEN", s.rows_written, "SKIPPED", s.rows_skipped, flush=True)
 """

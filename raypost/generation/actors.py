@@ -45,7 +45,7 @@ class EngineActor:
 
     def __init__(self, model: str, engine_config: dict[str, Any], sampling: dict[str, Any],
                  cache_dir: str | None, model_label: str, output_dir: str, rejected_dir: str, source: str,
-                 fault: dict | None = None):
+                 fault: dict | None = None, context_check: dict | None = None):
         from raypost.engines import build_engine
 
         self.engine_config = EngineConfig.model_validate(engine_config)
@@ -54,8 +54,13 @@ class EngineActor:
         self.model_label = model_label
         self.output = dict(output_dir=output_dir, rejected_dir=rejected_dir, source=source)
         self.fault = None if fault is None else faults.WorkerFault(**fault)
+        # the context-length check runs here, where the model's tokenizer is loaded anyway
+        self.context_check = context_check
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.context_check is not None:
+            table = batches.check_context(table, **self.context_check, rejected_dir=self.output["rejected_dir"],
+                                          source=self.output["source"], render=False)
         out = self._run(table.to_pylist())
         stats = batches.write_outputs(pa.Table.from_pylist(out, schema=batches.GENERATED_SCHEMA), **self.output)
         if self.fault is not None:

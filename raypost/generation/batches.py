@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 from raypost import schema
 
 ERROR = "error"
+# rows -> checks -> rows: light steps that must not hold a CPU an engine actor needs
+LIGHT_CPUS = 0.25
 GENERATED_SCHEMA = schema.GENERATION_SCHEMA.append(pa.field(ERROR, pa.string()))
 STATS_SCHEMA = pa.schema([
     ("rows", pa.int64()), ("rejected", pa.int64()),
@@ -154,6 +156,18 @@ def check_context(table: pa.Table, *, model_path: str, max_model_len: int, rejec
     if render:
         kept = kept.append_column("prompt", pa.array([t for t, k in zip(texts, keep) if k], pa.string()))
     return kept
+
+
+class PromptRenderer:
+    """check_context with rendering, as a Ray Data actor: one tokenizer load per actor, where
+    tasks would each import transformers again (seconds a task on a small machine)."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        _tokenizer(kwargs["model_path"])
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return check_context(table, **self.kwargs, render=True)
 
 
 def write_outputs(table: pa.Table, *, output_dir: str, rejected_dir: str, source: str) -> pa.Table:

@@ -30,8 +30,7 @@ from raypost.generation import batches, faults, sources
 
 
 MIN_STEADY_SECONDS = 1.0
-# rows -> checks -> rows: light steps that must not hold a CPU an engine actor needs
-LIGHT_CPUS = 0.1
+LIGHT_CPUS = batches.LIGHT_CPUS
 BROADCAST_KEYS = 200_000
 
 
@@ -228,14 +227,12 @@ def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, e
         if todo.count() == 0:
             return _finish(summary, started, started_wall)
 
-    model_path = None
+    model_path = context_check = None
     if backend in ("vllm", "transformers"):
         from raypost.models import resolve_model
 
         model_path = resolve_model(model, cache_dir)
-        todo = todo.map_batches(batches.check_context, batch_size=None, **light, fn_kwargs=dict(
-            model_path=str(model_path), max_model_len=model_context_length(model_path, engine),
-            rejected_dir=str(rejected_dir), source=source, render=backend == "vllm"))
+        context_check = dict(model_path=str(model_path), max_model_len=model_context_length(model_path, engine))
     output = dict(output_dir=str(output_dir), rejected_dir=str(rejected_dir), source=source)
     if backend == "vllm":
         from raypost.engines.shm_cleanup import removing_orphaned_segments
@@ -243,6 +240,9 @@ def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, e
 
         # Ray kills the engine actors; their vLLM message-queue segments would stay in /dev/shm.
         with removing_orphaned_segments(wait_seconds=15.0):
+            todo = todo.map_batches(batches.PromptRenderer, batch_size=None, batch_format="pyarrow",
+                                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=LIGHT_CPUS,
+                                    fn_constructor_kwargs=dict(**context_check, rejected_dir=str(rejected_dir), source=source))
             generated = vllm_generation_stage(todo, model_path, model, engine, sampling, resources)
             stats = generated.map_batches(_write_vllm_outputs, batch_size=None, **light, fn_kwargs=output)
             _drain(stats, total, summary, progress, started)
@@ -254,7 +254,7 @@ def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, e
             fn_constructor_kwargs=dict(
                 model=model if model_path is None else str(model_path), engine_config=engine.model_dump(),
                 sampling=sampling.model_dump(), cache_dir=cache_dir, model_label=model, **output,
-                fault=faults.WorkerFault.spec(output_dir)),
+                fault=faults.WorkerFault.spec(output_dir), context_check=context_check),
             batch_size=engine.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
             num_cpus=resources.cpus_per_actor, num_gpus=resources.gpus_per_actor,
@@ -264,8 +264,20 @@ def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, e
 
 
 def _write_vllm_outputs(table: pa.Table, **output) -> pa.Table:
-    columns = [f.name for f in batches.GENERATED_SCHEMA]
-    return batches.write_outputs(table.select(columns).cast(batches.GENERATED_SCHEMA), **output)
+    # ray.data.llm hands some columns back as pickled Python objects (Ray's object extension
+    # type): through Python rows, not an Arrow cast
+    rows = table.select([f.name for f in batches.GENERATED_SCHEMA]).to_pylist()
+    return batches.write_outputs(pa.Table.from_pylist(_plain(rows), schema=batches.GENERATED_SCHEMA), **output)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _plain(value.tolist())
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _finish(summary: GenerationSummary, started: float, started_wall: float) -> GenerationSummary:

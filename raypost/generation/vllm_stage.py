@@ -14,10 +14,10 @@ from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.engines.base import entropy_from_top_logprobs
 from raypost.engines.vllm_engine import vllm_engine_kwargs, vllm_env
+from raypost.generation.batches import LIGHT_CPUS
 
 # Top-k kept when only first-token entropy is asked: the estimate needs some tail mass.
 ENTROPY_TOP_K = 20
-LIGHT_STAGE_CPUS = 0.25
 
 
 def vllm_sampling_params(sampling: SamplingConfig, sample_index: int) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def vllm_generation_stage(dataset, model_path: Path, model_label: str, engine: E
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         return _to_record(row, sampling, model_label)
 
-    light = {"num_cpus": LIGHT_STAGE_CPUS}
+    light = {"num_cpus": LIGHT_CPUS}
     processor = build_processor(processor_config(model_path, engine, resources),
                                 preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs=light, postprocess_map_kwargs=light)
