@@ -98,18 +98,18 @@ def bare_rollouts(run_dir: Path, round_index: int = 1, limit: int | None = None)
     from raypost.config import EngineConfig, SamplingConfig
     from raypost.engines import build_engine
     from raypost.engines.base import Request
+    from raypost.loop.sipf import rollout_messages, step_prefixes
 
     settings = json.loads((run_dir / "loop.json").read_text())["settings"]
     sipf = settings["sipf"]
     pool = {r["id"]: r for r in _rows(run_dir / "pool.jsonl")}
     system = settings["pool"].get("system_prompt")
-    prefixes: dict[tuple[str, str], list[dict]] = {}
-    for path in _rows(run_dir / f"round_{round_index}" / "paths.jsonl"):
-        for _, end in path["steps"][:-1]:
-            question = pool[path["question_id"]]["question"]
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": question}, {"role": "assistant", "content": path["text"][:end]}]
-            prefixes.setdefault((path["question_id"], path["text"][:end]), messages)
+    prefixes = {
+        (question_id, prefix): rollout_messages(
+            ([{"role": "system", "content": system}] if system else [])
+            + [{"role": "user", "content": pool[question_id]["question"]}], prefix)
+        for question_id, prefix in step_prefixes(_rows(run_dir / f"round_{round_index}" / "paths.jsonl"))
+    }
     if not prefixes:
         return {"prefixes": 0}
     model = _rows(run_dir / "rounds.jsonl")[round_index - 1]["model"]

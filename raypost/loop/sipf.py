@@ -101,6 +101,18 @@ def make_pairs(paths: list[dict], eta: float, limit: int) -> list[tuple[dict, di
     return chosen
 
 
+def step_prefixes(paths) -> list[tuple[str, str]]:
+    """(question id, prefix) of every step of these paths that needs rollouts (not the last
+    step: its value is the path's own outcome), each distinct pair once, in path order."""
+    return list(dict.fromkeys((path["question_id"], path["text"][:end])
+                              for path in paths for _, end in path["steps"][:-1]))
+
+
+def rollout_messages(question_messages: list[dict[str, str]], prefix: str) -> list[dict[str, str]]:
+    """The conversation a rollout continues: the question, then the open assistant turn."""
+    return [*question_messages, {"role": "assistant", "content": prefix}]
+
+
 class SipfController(LoopController):
     @property
     def sipf(self) -> SipfConfig:
@@ -250,13 +262,8 @@ class SipfController(LoopController):
         """Every step prefix of this round's paths that needs rollouts (not the last step: its value
         is the path's own outcome), one key per distinct (question, prefix)."""
         by_id = {item["id"]: item for item in self.pool}
-        wanted: dict[str, tuple[dict, str]] = {}
-        for path in _read_jsonl(self.round_dir(round_index) / "paths.jsonl"):
-            for start, end in path["steps"][:-1]:
-                prefix = path["text"][:end]
-                key = prefix_key(self.recipe.name, round_index, path["question_id"], prefix)
-                wanted.setdefault(key, (by_id[path["question_id"]], prefix))
-        return wanted
+        return {prefix_key(self.recipe.name, round_index, question_id, prefix): (by_id[question_id], prefix)
+                for question_id, prefix in step_prefixes(_read_jsonl(self.round_dir(round_index) / "paths.jsonl"))}
 
     def _rollouts(self, round_index: int, model: str) -> dict:
         import ray
@@ -321,7 +328,7 @@ class SipfController(LoopController):
         return result
 
     def _rollout_messages(self, item: dict, prefix: str) -> list[dict[str, str]]:
-        return [*self._messages(item["question"]), {"role": "assistant", "content": prefix}]
+        return rollout_messages(self._messages(item["question"]), prefix)
 
     def _pairs(self, round_index: int) -> dict:
         """Step values from the rollouts, path scores, and this round's preference pairs."""
