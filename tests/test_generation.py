@@ -163,43 +163,6 @@ def test_prompt_files_are_read_on_the_workers_and_resume_by_key(tmp_path, ray_lo
     assert len(records.read_rows(out / "rejected")) == 3   # set aside again under the same names, not twice
 
 
-KILL_SCRIPT = """
-import sys
-from raypost.config import EngineConfig, Resources, SamplingConfig
-from raypost.generation.pipeline import generate_files
-from raypost.records import PromptFormat
-from raypost.runtime import ensure_ray
-
-if __name__ == "__main__":
-    ensure_ray(num_cpus=2)
-    s = generate_files(sys.argv[1], PromptFormat(prompt_field="question", id_field="qid", reference_field="answer"),
-                       model="gold", output_dir=sys.argv[2], engine=EngineConfig(backend="reference", batch_size=50),
-                       sampling=SamplingConfig(max_tokens=8), resources=Resources(concurrency=2, cpus_per_actor=0.5),
-                       progress=False)
-    print("WRITTEN", s.rows_written, "SKIPPED", s.rows_skipped, flush=True)
-"""
-
-
-def test_a_driver_killed_mid_run_resumes_with_every_key_once(tmp_path):
-    script = tmp_path / "gen.py"
-    script.write_text(KILL_SCRIPT)
-    source = write_jsonl(tmp_path / "prompts.jsonl", questions(0, 2000))
-    out = tmp_path / "gen"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, str(script), str(source), str(out)]
-    killed = subprocess.run(command, env={**env, "RAYPOST_GENERATE_FAULT": "KILL:3"}, capture_output=True, text=True,
-                            timeout=600)
-    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
-    done_before = records.count_rows(out)
-    assert 150 <= done_before < 2000   # at least the killing actor's 3 parts of 50
-
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    ids = [r["id"] for r in records.read_rows(out)]
-    assert len(ids) == 2000 and set(ids) == {f"id{i}" for i in range(2000)}
-    assert f"WRITTEN {2000 - done_before} SKIPPED {done_before}" in result.stdout
-
-
 NODE_SCRIPT = """
 import sys
 from raypost.config import EngineConfig, Resources, SamplingConfig
@@ -260,7 +223,8 @@ def test_generation_on_two_nodes_survives_losing_one(tmp_path):
 RESUME_SCRIPT = """
 import signal, sys
 from raypost.config import EngineConfig, Resources, SamplingConfig
-from raypost.generation.pipeline import generate
+from raypost.generation.pipeline import generate_files
+from raypost.records import PromptFormat
 from raypost.runtime import ensure_ray
 
 if __name__ == "__main__":
@@ -268,37 +232,41 @@ if __name__ == "__main__":
     # inherits that: Ctrl-C must behave as it does for a user at a terminal
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ensure_ray(num_cpus=2)
-    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Count to {i}"}], "reference": str(i)}
-            for i in range(int(sys.argv[3]))]
     # the reference engine: what is tested is the interrupt and the resume, not a model
-    s = generate(rows, model="gold", output_dir=sys.argv[2], engine=EngineConfig(backend="reference", batch_size=2),
-                 sampling=SamplingConfig(max_tokens=24), resources=Resources(concurrency=1), progress=False)
+    s = generate_files(sys.argv[1], PromptFormat(prompt_field="question", id_field="qid", reference_field="answer"),
+                       model="gold", output_dir=sys.argv[2], engine=EngineConfig(backend="reference", batch_size=50),
+                       sampling=SamplingConfig(max_tokens=8), resources=Resources(concurrency=1), progress=False)
     print("WRITTEN", s.rows_written, "SKIPPED", s.rows_skipped, flush=True)
 """
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_and_every_id_lands_exactly_once(tiny_model, tmp_path):
+def test_interrupted_and_killed_runs_resume_and_every_id_lands_exactly_once(tmp_path):
+    """Ctrl-C, then SIGKILL of the driver, each at a known point (the engine actor has committed
+    its Nth part), not after a sleep: a fast machine must not finish before the fault arrives."""
     script = tmp_path / "gen.py"
     script.write_text(RESUME_SCRIPT)
+    source = write_jsonl(tmp_path / "prompts.jsonl", questions(0, 2000))
     out = tmp_path / "gen"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, str(script), str(tiny_model), str(out), "40"]
-    # Ctrl-C at a known point (the engine actor has committed its 2nd part), not after a sleep:
-    # a fast machine must not finish every row before the interrupt arrives
-    process = subprocess.Popen(command, env={**env, "RAYPOST_GENERATE_FAULT": "INT:2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode != 0 and "WRITTEN" not in output, output[-2000:]   # it was interrupted mid-run
-    assert len(records.part_files(out)) == 2, output[-2000:]
-    done_before = records.count_rows(out)
-    assert 0 < done_before < 40
+    command = [sys.executable, str(script), str(source), str(out)]
+
+    interrupted = subprocess.Popen(command, env={**env, "RAYPOST_GENERATE_FAULT": "INT:2"}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output, _ = interrupted.communicate(timeout=600)
+    assert interrupted.returncode != 0 and "WRITTEN" not in output, output[-2000:]
+    assert records.count_rows(out) == 100 and len(records.part_files(out)) == 2, output[-2000:]
+
+    killed = subprocess.run(command, env={**env, "RAYPOST_GENERATE_FAULT": "KILL:3"}, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert "WRITTEN" not in killed.stdout and records.count_rows(out) == 250   # 3 more parts of 50
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     ids = [r["id"] for r in records.read_rows(out)]
-    assert sorted(ids) == sorted(f"q{i}" for i in range(40))
-    assert f"WRITTEN {40 - done_before} SKIPPED {done_before}" in result.stdout
+    assert len(ids) == 2000 and set(ids) == {f"id{i}" for i in range(2000)}
+    assert "WRITTEN 1750 SKIPPED 250" in result.stdout
 
 
 VLLM_SCRIPT = """
