@@ -108,8 +108,11 @@ def _models_prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raypost.runtime import interrupt_on_sigterm
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    interrupt_on_sigterm()
     try:
         return args.handler(args) or 0
     except (RecipeError, ModelError, DataError) as error:

@@ -25,11 +25,29 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # worker process then drops the one warning that its absence causes (see below)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": "raypost.runtime.quiet_worker_logs"})
+    # ray.init installs SIGTERM handlers of its own (see interrupt_on_sigterm)
+    interrupt_on_sigterm()
     from ray.data import DataContext
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, Kubernetes, systemd) stops raypost as Ctrl-C does: finally blocks run and
+    the Ray it started shuts down. Python's default ends the process on the spot, and after
+    `ray.init` the core worker's own handler aborts the driver with a stack dump; either way
+    Ray's agents and shared-memory segments stayed behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 class _DropMessage:

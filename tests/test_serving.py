@@ -242,10 +242,26 @@ def test_cli_write_config_from_recipe_serves_models_and_exported_stages(tmp_path
 # -- vLLM through ray.serve.llm -----------------------------------------------------------
 
 
+def _processes_with_env(entry: str) -> list[str]:
+    """Processes whose environment holds `entry`: everything a `raypost serve` started inherits it."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(f"{proc.name} {(proc / 'cmdline').read_bytes()[:120]!r}")
+        except OSError:
+            continue
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_raypost_serve_runs_its_own_ray_in_high_throughput_mode(tiny_model):
-    """`raypost serve` as a user runs it: its own local Ray, HAProxy in front, the same API."""
+def test_two_raypost_serves_answer_side_by_side_and_stop_on_ctrl_c_and_sigterm(tiny_model):
+    """`raypost serve` as a user runs it, twice on one machine: each its own local Ray with
+    HAProxy in front; one stopped by Ctrl-C (SIGINT to its process group), one by SIGTERM; no
+    process of theirs and no /dev/shm segment outlives them."""
     import shutil
     import signal
     import subprocess
@@ -254,45 +270,75 @@ def test_raypost_serve_runs_its_own_ray_in_high_throughput_mode(tiny_model):
     import time
     from pathlib import Path
 
-    port = _free_port()
-    # A Ray temp dir of its own (short: Ray's socket paths have a length limit), so this Ray
-    # neither finds nor is found by the test session's.
-    ray_tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAYPOST_CLI_KEY": "sk-cli"}
-    for key in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
-        env.pop(key, None)
-    command = [str(Path(sys.executable).parent / "raypost"), "serve", str(tiny_model), "--name", "tiny",
-               "--backend", "transformers", "--port", str(port), "--api-key-env", "RAYPOST_CLI_KEY"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    base = f"http://127.0.0.1:{port}/v1"
+    raypost = str(Path(sys.executable).parent / "raypost")
+    shm_before = set(os.listdir("/dev/shm"))
+    servers = []
+    for name in ("a", "b"):
+        port = _free_port()
+        # A Ray temp dir of its own (short: Ray's socket paths have a length limit), so this Ray
+        # neither finds nor is found by the test session's; it also marks its processes.
+        ray_tmp = tempfile.mkdtemp(prefix=f"rp{name}", dir="/tmp")
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAYPOST_CLI_KEY": "sk-cli"}
+        for key in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+                    "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            env.pop(key, None)
+        command = [raypost, "serve", str(tiny_model), "--name", "tiny", "--backend", "transformers",
+                   "--port", str(port), "--api-key-env", "RAYPOST_CLI_KEY"]
+        # Ctrl-C reaches a terminal's foreground job; a job started in the background inherits
+        # SIGINT ignored, so the default goes back in place for the child.
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        servers.append({"process": process, "port": port, "ray_tmp": ray_tmp, "base": f"http://127.0.0.1:{port}/v1"})
+    headers = {"Authorization": "Bearer sk-cli"}
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{base}/models", timeout=5).status_code == 401:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        # Serve writes one HAProxy config per Ray session; the one with this port is this one's.
+        deadline = time.monotonic() + 400
+        for server in servers:
+            while time.monotonic() < deadline and server["process"].poll() is None:
+                try:
+                    if httpx.get(f"{server['base']}/models", timeout=5).status_code == 401:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(2)
+            assert server["process"].poll() is None, server["process"].stdout.read()[-3000:]
+        # Serve writes one HAProxy config per Ray session; each port has its own frontend.
         configs = [p.read_text() for p in Path("/tmp/haproxy-serve").glob("*/haproxy.cfg")]
-        assert any(f"bind 127.0.0.1:{port}" in text for text in configs), "no HAProxy frontend on the port"
-        headers = {"Authorization": "Bearer sk-cli"}
-        assert [m["id"] for m in httpx.get(f"{base}/models", headers=headers, timeout=30).json()["data"]] == ["tiny"]
-        reply = httpx.post(f"{base}/chat/completions", json=_chat(), headers=headers, timeout=120)
-        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
-        bad = httpx.post(f"{base}/chat/completions", content=b"{bad", headers=headers, timeout=30)
-        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        for server in servers:
+            assert any(f"bind 127.0.0.1:{server['port']}" in text for text in configs), "no HAProxy frontend"
+        for server in servers:  # both answer, each while the other is up
+            base = server["base"]
+            assert [m["id"] for m in httpx.get(f"{base}/models", headers=headers, timeout=30).json()["data"]] == ["tiny"]
+            reply = httpx.post(f"{base}/chat/completions", json=_chat(), headers=headers, timeout=120)
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+            bad = httpx.post(f"{base}/chat/completions", content=b"{bad", headers=headers, timeout=30)
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        taken = subprocess.run([raypost, "serve", str(tiny_model), "--port", str(servers[0]["port"])],
+                               capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 1 and taken.stdout == ""
+        assert taken.stderr.strip().splitlines() == [
+            f"error: raypost serve: 127.0.0.1:{servers[0]['port']} is in use (another `raypost serve`?); "
+            f"choose another --port"]
+        os.killpg(servers[0]["process"].pid, signal.SIGINT)  # Ctrl-C: the whole process group
+        servers[1]["process"].send_signal(signal.SIGTERM)
+        for server in servers:
+            # generous: the goal (15 s) is measured, not timed here
+            assert server["process"].wait(timeout=120) == 0, server["process"].stdout.read()[-3000:]
+        time.sleep(2)  # the last of Ray's processes exit after their raylet
+        for server in servers:
+            assert _processes_with_env(f"RAY_TMPDIR={server['ray_tmp']}") == []
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
     finally:
-        process.send_signal(signal.SIGINT)  # the CLI shuts Serve and its own Ray down
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        for server in servers:
+            if server["process"].poll() is None:
+                os.killpg(server["process"].pid, signal.SIGKILL)
+                server["process"].wait()
+            for pid_line in _processes_with_env(f"RAY_TMPDIR={server['ray_tmp']}"):
+                try:
+                    os.kill(int(pid_line.split()[0]), signal.SIGKILL)
+                except OSError:
+                    pass
+            shutil.rmtree(server["ray_tmp"], ignore_errors=True)
 
 
 def test_high_throughput_switches_keep_what_the_caller_set(monkeypatch):
@@ -302,8 +348,17 @@ def test_high_throughput_switches_keep_what_the_caller_set(monkeypatch):
     monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "unset")
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED")
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
-    assert use_high_throughput_serve() == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "unset")
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_PORT")
+    switches = use_high_throughput_serve()
+    metrics_port = int(switches.pop("RAY_SERVE_HAPROXY_METRICS_PORT"))
+    assert switches == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                        "RAY_SERVE_HAPROXY_STATS_PORT": "18404"}
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    with socket.socket() as sock:  # a free port, not HAProxy's fixed default
+        sock.bind(("", metrics_port))
+    assert metrics_port != 9101
 
 
 @pytest.mark.vllm

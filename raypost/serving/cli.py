@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,26 @@ def config_from_sources(args: argparse.Namespace) -> ServeConfig:
     return parse_serve_config(data, "raypost serve")
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _start_failure(error: BaseException) -> str:
+    """One line for a start that failed: HAProxy's own alert where it has one, not a traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    alerts = [line for line in lines if "[ALERT]" in line and "Exiting" not in line]
+    return (alerts or lines or [type(error).__name__])[0]
+
+
 def run_serve_command(args: argparse.Namespace) -> int:
+    from raypost.errors import StageError
     from raypost.serving.config import build_serve_config, write_serve_config
 
     config = config_from_sources(args)
@@ -142,28 +162,52 @@ def run_serve_command(args: argparse.Namespace) -> int:
         path = write_serve_config(config, args.write_config)
         print(f"wrote {path}: run it with `serve run {path}` or `serve deploy {path}`")
         return 0
+    joins_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if not joins_cluster and _port_in_use(config.host, config.port):
+        raise StageError(f"raypost serve: {config.host}:{config.port} is in use (another `raypost serve`?); "
+                         f"choose another --port")
+    import ray
     from ray import serve
 
     from raypost.runtime import ensure_ray
     from raypost.serving.app import build_app
 
-    if args.high_throughput and not (args.address or os.environ.get("RAY_ADDRESS")):
+    if args.high_throughput and not joins_cluster:
         from raypost.serving.high_throughput import use_high_throughput_serve
 
         use_high_throughput_serve()
     ensure_ray(args.address)
-    serve.start(http_options={"host": config.host, "port": config.port})
     app = build_serve_config(config)["applications"][0]
     names = ", ".join(name for m in config.models for name in m.names())
-    print(f"serving {names} at http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/v1 (Ctrl-C to stop)")
     from raypost.engines.shm_cleanup import removing_orphaned_segments
 
     # vLLM replicas are killed, not closed: their message-queue segments would stay in /dev/shm.
     with removing_orphaned_segments(wait_seconds=10.0):
         try:
-            serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=True)
+            try:
+                serve.start(http_options={"host": config.host, "port": config.port})
+                serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=False)
+            except Exception as error:
+                raise StageError(f"raypost serve: could not start on {config.host}:{config.port}: "
+                                 f"{_start_failure(error)}") from None
+            print(f"serving {names} at http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/v1 "
+                  f"(Ctrl-C to stop)", flush=True)
+            _wait_for_interrupt()
         except KeyboardInterrupt:
-            pass
+            print("stopping", file=sys.stderr, flush=True)
         finally:
-            serve.shutdown()
+            if joins_cluster:
+                serve.shutdown()
+            else:
+                # The Ray is this command's alone: shutting it down stops Serve, its replicas and
+                # HAProxy. serve.shutdown() first would wait 30 s for a controller that Ctrl-C
+                # (sent to the whole process group) has already interrupted.
+                ray.shutdown()
     return 0
+
+
+def _wait_for_interrupt() -> None:
+    import time
+
+    while True:
+        time.sleep(3600)
