@@ -10,6 +10,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# Every process a test starts (Ray's, HAProxy, vLLM engines, CLI subprocesses) inherits this,
+# which is how the session finds what it left behind.
+SESSION_MARK = f"RAYPOST_TEST_SESSION={os.getpid()}"
+os.environ["RAYPOST_TEST_SESSION"] = str(os.getpid())
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
@@ -40,10 +45,39 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def session_processes() -> list[tuple[int, str]]:
+    """Live processes (other than this one) that carry this session's mark."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if SESSION_MARK.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                if (proc / "stat").read_text().split(") ", 1)[1].startswith("Z"):
+                    continue  # exited, waiting for its parent to read its status
+                found.append((int(proc.name), (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:100].decode(errors="replace")))
+        except OSError:
+            continue
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
-def no_leftover_shared_memory():
-    """vLLM engines started by tests must not leave /dev/shm segments behind (CI machines are shared)."""
+def no_leftover_processes_or_shared_memory():
+    """Tests leave no Ray, HAProxy or vLLM process and no /dev/shm segment behind (CI machines
+    are shared). Torn down last, after the session's Ray has shut down."""
+    import signal
+    import time
+
     from raypost.engines.shm_cleanup import removing_orphaned_segments
 
     with removing_orphaned_segments(wait_seconds=10.0):
         yield
+    deadline = time.monotonic() + 20  # Ray's agents exit a few seconds after their raylet
+    while (left := session_processes()) and time.monotonic() < deadline:
+        time.sleep(1)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, f"processes left behind by the tests (killed now): {left}"
