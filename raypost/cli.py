@@ -13,7 +13,9 @@ import importlib
 import json
 import sys
 
-from raypost.config import RecipeError, load_recipe
+from raypost.config import RecipeError
+
+from raypost.recipe import load_recipe
 from raypost.models.resolve import ModelError
 from raypost.errors import StageError
 from raypost.records import DataError
@@ -38,6 +40,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print which stages would run and why (changed settings or inputs), run nothing")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray, vLLM, Transformers and TRL output live (default: in <output_dir>/logs/driver.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +86,15 @@ def _run_recipe(args: argparse.Namespace) -> int:
         for decision in RunContext(recipe).plan(args.only):
             print(decision.line())
         return 0
-    # Ray starts only when a stage has work to do: a rerun of an up-to-date recipe needs none
-    summaries = run_recipe(recipe, only=args.only, before_first_run=lambda: ensure_ray(args.address))
-    print(f"done: {len(summaries)} stage(s); summary in {recipe.resolved_output_dir() / 'summary.json'}")
+    from raypost import console
+
+    output_dir = recipe.resolved_output_dir()
+    with console.quiet(output_dir / "logs" / "driver.log", args.verbose):
+        if console.quiet_now():
+            console.say(f"logs: {output_dir / 'logs' / 'driver.log'} (--verbose to show them here)")
+        # Ray starts only when a stage has work to do: a rerun of an up-to-date recipe needs none
+        summaries = run_recipe(recipe, only=args.only, before_first_run=lambda: ensure_ray(args.address))
+        console.say(f"done: {len(summaries)} stage(s); summary in {output_dir / 'summary.json'}")
     return 0
 
 

@@ -1,8 +1,7 @@
-"""Typed recipe config, validated once at the edge.
-
-A recipe is YAML mirrored by these pydantic models. `load_recipe` applies `a.b=value`
-overrides, validates, and turns every failure into one `RecipeError` that names the file,
-the field path and what was expected.
+"""The leaf types of a recipe: resources, engine, sampling, models, and what every recipe file
+has. Each stage's own config lives with its stage; the recipe that holds the stages, and
+reading a file (YAML, `a.b=value` overrides, one `RecipeError` naming the file, the field path
+and what was expected), live in `raypost/recipe.py`. Nothing here imports the rest of raypost.
 """
 
 from __future__ import annotations
@@ -11,8 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 
 class RecipeError(ValueError):
@@ -115,125 +113,6 @@ class RecipeFile(StrictModel):
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name)).expanduser()
-
-
-def _format_location(location: tuple[Any, ...], stage_kinds: set[str]) -> str:
-    parts: list[str] = []
-    for i, item in enumerate(location):
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif i > 0 and location[i - 1] == "stages" or (
-            # pydantic puts a discriminated union's tag into the path: drop it
-            i > 0 and isinstance(location[i - 1], int) and item in stage_kinds
-        ):
-            if item in stage_kinds:
-                continue
-            parts.append(f".{item}")
-        else:
-            parts.append(f".{item}" if parts else str(item))
-    return "".join(parts) or "(top level)"
-
-
-def format_validation_error(source: str, error: ValidationError, stage_kinds: set[str]) -> str:
-    lines = []
-    for item in error.errors():
-        message = item["msg"]
-        if not item["loc"] and item["type"] == "value_error":
-            # a recipe-wide check names its own field paths, one problem per line
-            lines.extend(f"{source}: {line}" for line in message.removeprefix("Value error, ").splitlines())
-            continue
-        where = _format_location(tuple(item["loc"]), stage_kinds)
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif item["type"] == "missing":
-            message = "field required"
-        got = item.get("input")
-        got_text = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{source}: {where}: {message}{got_text}")
-    return "\n".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected key.path=value")
-    key, raw = text.split("=", 1)
-    if not key:
-        raise RecipeError(f"override {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
-
-
-def apply_override(data: dict[str, Any], path: list[str], value: Any, source: str) -> None:
-    """Set data[a][b]... = value. In `stages`, an element is addressed by index or by name."""
-    node: Any = data
-    for depth, key in enumerate(path[:-1]):
-        # Copy each node on the way down: a YAML anchor shares one object between places, and
-        # an override names one place.
-        if isinstance(node, list):
-            index = _list_index(node, key, path, source)
-            node[index] = _shallow_copy(node[index])
-            node = node[index]
-        elif isinstance(node, dict):
-            node[key] = _shallow_copy(node.get(key, {}))
-            node = node[key]
-        else:
-            raise RecipeError(f"{source}: override {'.'.join(path)}: {'.'.join(path[:depth])} is not a mapping")
-    last = path[-1]
-    if isinstance(node, list):
-        node[_list_index(node, last, path, source)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise RecipeError(f"{source}: override {'.'.join(path)}: parent is not a mapping")
-
-
-def _shallow_copy(node: Any) -> Any:
-    return dict(node) if isinstance(node, dict) else list(node) if isinstance(node, list) else node
-
-
-def _list_index(node: list[Any], key: str, path: list[str], source: str) -> int:
-    if key.isdigit() and int(key) < len(node):
-        return int(key)
-    for i, item in enumerate(node):
-        if isinstance(item, dict) and item.get("name", item.get("kind")) == key:
-            return i
-    raise RecipeError(f"{source}: override {'.'.join(path)}: no list element {key!r}")
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"{p}: recipe file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise RecipeError(f"{p}: {where}: invalid YAML: {getattr(error, 'problem', error)}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{p}: the recipe must be a YAML mapping")
-    return data
-
-
-def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), schema=None):
-    """Read, override and validate a recipe (`schema`: another top-level model, e.g. a loop's).
-    Raises RecipeError with a one-line-per-problem message."""
-    from raypost.recipe import Recipe, stage_kinds
-
-    data = read_yaml(path)
-    if schema is None and isinstance(data, dict) and "loop" in data and "stages" not in data:
-        from raypost.loop.config import LoopRecipe
-
-        schema = LoopRecipe   # a loop recipe: `raypost loop FILE`
-    schema = schema or Recipe
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(data, keys, value, str(path))
-    try:
-        recipe = schema.model_validate(data, context={"recipe_path": Path(path)})
-    except ValidationError as error:
-        raise RecipeError(format_validation_error(str(path), error, stage_kinds())) from None
-    recipe.source = Path(path)
-    return recipe
 
 
 def resolve_data_path(value: str, base: Path | None) -> Path:

@@ -7,11 +7,13 @@ runner is a thin wrapper that calls the stage's plain Python function.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Union
 
-from pydantic import Field, ValidationInfo, model_validator
+import yaml
+from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from raypost.config import RecipeError, RecipeFile, Resources, StrictModel, resolve_data_path
 from raypost.curation.config import CurateStage
@@ -226,7 +228,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None,
     import json
     import time
 
-    from raypost import manifest
+    from raypost import console, manifest
 
     context = RunContext(recipe)
     context.output_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +245,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None,
     for decision in context.plan(only):
         stage = recipe.stage(decision.stage)
         stage_dir = context.stage_dir(stage.name)
-        print(decision.line(), flush=True)
+        console.say(decision.line())
         if decision.action == "skip":
             context.summaries[stage.name] = {**(decision.summary or {}), "up_to_date": True}
             summary_path.write_text(json.dumps(context.summaries, indent=2, default=str))
@@ -261,6 +263,125 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None,
             summary = {**summary, "seconds": round(seconds, 1)}
         manifest.finish(stage_dir, decision, summary)
         context.summaries[stage.name] = summary
-        print(f"stage {stage.name} ({stage.kind}) finished in {seconds:.0f}s", flush=True)
+        console.say(f"stage {stage.name} ({stage.kind}) finished in {seconds:.0f}s")
         summary_path.write_text(json.dumps(context.summaries, indent=2, default=str))
     return context.summaries
+
+
+# --- reading a recipe file: YAML, overrides, validation errors as file: field: message -------
+
+def _format_location(location: tuple[Any, ...], stage_kinds: set[str]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(location):
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif i > 0 and location[i - 1] == "stages" or (
+            # pydantic puts a discriminated union's tag into the path: drop it
+            i > 0 and isinstance(location[i - 1], int) and item in stage_kinds
+        ):
+            if item in stage_kinds:
+                continue
+            parts.append(f".{item}")
+        else:
+            parts.append(f".{item}" if parts else str(item))
+    return "".join(parts) or "(top level)"
+
+
+def format_validation_error(source: str, error: ValidationError, stage_kinds: set[str]) -> str:
+    lines = []
+    for item in error.errors():
+        message = item["msg"]
+        if not item["loc"] and item["type"] == "value_error":
+            # a recipe-wide check names its own field paths, one problem per line
+            lines.extend(f"{source}: {line}" for line in message.removeprefix("Value error, ").splitlines())
+            continue
+        where = _format_location(tuple(item["loc"]), stage_kinds)
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "field required"
+        got = item.get("input")
+        got_text = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {where}: {message}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise RecipeError(f"override {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any, source: str) -> None:
+    """Set data[a][b]... = value. In `stages`, an element is addressed by index or by name."""
+    node: Any = data
+    for depth, key in enumerate(path[:-1]):
+        # Copy each node on the way down: a YAML anchor shares one object between places, and
+        # an override names one place.
+        if isinstance(node, list):
+            index = _list_index(node, key, path, source)
+            node[index] = _shallow_copy(node[index])
+            node = node[index]
+        elif isinstance(node, dict):
+            node[key] = _shallow_copy(node.get(key, {}))
+            node = node[key]
+        else:
+            raise RecipeError(f"{source}: override {'.'.join(path)}: {'.'.join(path[:depth])} is not a mapping")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path, source)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError(f"{source}: override {'.'.join(path)}: parent is not a mapping")
+
+
+def _shallow_copy(node: Any) -> Any:
+    return dict(node) if isinstance(node, dict) else list(node) if isinstance(node, list) else node
+
+
+def _list_index(node: list[Any], key: str, path: list[str], source: str) -> int:
+    if key.isdigit() and int(key) < len(node):
+        return int(key)
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name", item.get("kind")) == key:
+            return i
+    raise RecipeError(f"{source}: override {'.'.join(path)}: no list element {key!r}")
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise RecipeError(f"{p}: {where}: invalid YAML: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: the recipe must be a YAML mapping")
+    return data
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), schema=None):
+    """Read, override and validate a recipe (`schema`: another top-level model, e.g. a loop's).
+    Raises RecipeError with a one-line-per-problem message."""
+    data = read_yaml(path)
+    if schema is None and isinstance(data, dict) and "loop" in data and "stages" not in data:
+        from raypost.loop.config import LoopRecipe
+
+        schema = LoopRecipe   # a loop recipe: `raypost loop FILE`
+    schema = schema or Recipe
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value, str(path))
+    try:
+        recipe = schema.model_validate(data, context={"recipe_path": Path(path)})
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(str(path), error, stage_kinds())) from None
+    recipe.source = Path(path)
+    return recipe

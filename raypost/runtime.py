@@ -27,6 +27,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  runtime_env={"worker_process_setup_hook": "raypost.runtime.quiet_worker_logs"})
     # ray.init installs SIGTERM handlers of its own (see interrupt_on_sigterm)
     interrupt_on_sigterm()
+    from raypost import console
+
+    console.attach_ray()
     from ray.data import DataContext
 
     context = DataContext.get_current()

@@ -19,9 +19,22 @@ Generation rows (output of generation; one row per prompt and sample):
   engine: str              backend name (vllm, transformers, openai, reference)
   model: str               model reference as given in the recipe
 
+A row that a model could not answer or score (any actor stage: generation, scoring, judging,
+evaluation) keeps its place with
+  error: str | None        "ExceptionType: message" (engines.row_error); None when it worked
+and is then set aside, or ranked last, by the stage that owns it.
+
 Rejected rows (any stage): the input row's fields as JSON text plus
   source: str              file (and line) or stage the row came from
   reason: str              why it was set aside
+
+Curation columns (added by curation steps, read by later steps and by the writers):
+  verified, verify_reason                 verify: the checker's verdict and why
+  entropy, entropy_normalized             entropy_route: the student's first-token entropy
+  student_answer, student_correct
+  difficulty, target, target_source       entropy_route: easy/medium/hard and the chosen target
+  best, best_source, worst, worst_source, candidates    select: ranked candidate responses
+  cluster                                 diversity: the row's cluster
 """
 
 from __future__ import annotations
@@ -40,6 +53,23 @@ LOGPROBS = "logprobs"
 FIRST_TOKEN_ENTROPY = "first_token_entropy"
 ENGINE = "engine"
 MODEL = "model"
+ERROR = "error"
+
+VERIFIED = "verified"
+VERIFY_REASON = "verify_reason"
+ENTROPY = "entropy"
+ENTROPY_NORMALIZED = "entropy_normalized"
+STUDENT_ANSWER = "student_answer"
+STUDENT_CORRECT = "student_correct"
+DIFFICULTY = "difficulty"
+TARGET = "target"
+TARGET_SOURCE = "target_source"
+BEST = "best"
+BEST_SOURCE = "best_source"
+WORST = "worst"
+WORST_SOURCE = "worst_source"
+CANDIDATES = "candidates"
+CLUSTER = "cluster"
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 TOP_LOGPROB_TYPE = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
@@ -80,3 +110,31 @@ REJECTED_SCHEMA = pa.schema(
         ("reason", pa.string()),
     ]
 )
+
+
+# The columns each curation step adds, with their types (a step's output schema is its input's
+# plus these).
+VERIFY_COLUMNS = {VERIFIED: pa.bool_(), VERIFY_REASON: pa.string()}
+SCORE_COLUMNS = {
+    ENTROPY: pa.float64(),
+    ENTROPY_NORMALIZED: pa.float64(),
+    STUDENT_ANSWER: pa.string(),
+    ERROR: pa.string(),
+}
+ROUTE_COLUMNS = {
+    ENTROPY: pa.float64(),
+    ENTROPY_NORMALIZED: pa.float64(),
+    STUDENT_ANSWER: pa.string(),
+    STUDENT_CORRECT: pa.bool_(),
+    DIFFICULTY: pa.string(),
+    TARGET: pa.string(),
+    TARGET_SOURCE: pa.string(),
+}
+SELECT_COLUMNS = {
+    BEST: pa.string(),
+    BEST_SOURCE: pa.string(),
+    WORST: pa.string(),
+    WORST_SOURCE: pa.string(),
+    CANDIDATES: pa.list_(pa.struct([("source", pa.string()), ("text", pa.string()), (VERIFIED, pa.bool_()),
+                                    ("score", pa.float64())])),
+}

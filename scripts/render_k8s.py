@@ -39,7 +39,7 @@ _BLOCK_START = re.compile(r"^(?P<indent>[ ]*)serveConfigV2: \|[-+]?[ ]*$")
 
 def render_serve_config(source: Path) -> str:
     """The serveConfigV2 text for one serve YAML: build_serve_config's dict as YAML."""
-    from raypost.config import read_yaml
+    from raypost.recipe import read_yaml
     from raypost.serving.config import build_serve_config, parse_serve_config
 
     data = read_yaml(source)

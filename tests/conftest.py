@@ -38,6 +38,16 @@ def ray_local():
         ray.shutdown()
 
 
+@pytest.fixture
+def fake_openai():
+    """The base URL of a live fake OpenAI endpoint (tests/fake_openai.py)."""
+    from tests.fake_openai import serve
+
+    server, url = serve()
+    yield url
+    server.shutdown()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

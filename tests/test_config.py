@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raypost.config import RecipeError, load_recipe
+from raypost.config import RecipeError
+
+from raypost.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

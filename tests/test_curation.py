@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from raypost import records
-from raypost.curation import (CandidateSource, CurationLog, TeacherSource, dataset_from_rows, dedup, diversify,
+from raypost.curation import (CurationLog, ResponseSource, dataset_from_rows, dedup, diversify,
                               entropy_route, select_responses, verify, write_training_sets)
 from raypost.curation.dedup import find_duplicates
 from raypost.curation.diversity import even_quotas
@@ -258,8 +258,8 @@ def test_selection_ranks_verified_candidates_first(ray_local, tiny_model, tmp_pa
     log = CurationLog()
     out = {r["id"]: r for r in rows_of(select_responses(
         dataset_from_rows(selection_rows()),
-        candidates=[CandidateSource("reference", "reference"), CandidateSource("teacher", "input"),
-                    CandidateSource("student", "stage", stage_dir=str(student_dir))],
+        candidates=[ResponseSource("reference", "reference"), ResponseSource("teacher", "input"),
+                    ResponseSource("student", "stage", stage_dir=str(student_dir))],
         scorer="perplexity", scorer_model=str(tiny_model), log=log))}
     assert out["s-1"]["best_source"] in ("reference", "student#0")
     assert "<<" not in out["s-1"]["best"]                        # GSM8K calculator notes are cleaned
@@ -279,8 +279,8 @@ def test_selection_generates_student_candidates_and_a_judge_rates_them(ray_local
     log = CurationLog()
     out = {r["id"]: r for r in rows_of(select_responses(
         dataset_from_rows(selection_rows()),
-        candidates=[CandidateSource("reference", "reference"),
-                    CandidateSource("student", "generate", model=str(tiny_model), output_dir=str(generated),
+        candidates=[ResponseSource("reference", "reference"),
+                    ResponseSource("student", "generate", model=str(tiny_model), output_dir=str(generated),
                                     engine=EngineConfig(backend="transformers", batch_size=4),
                                     # sampled: a random tiny model's greedy text is blank lines
                                     sampling=SamplingConfig(max_tokens=6, temperature=1.0, seed=0))],
@@ -294,6 +294,25 @@ def test_selection_generates_student_candidates_and_a_judge_rates_them(ray_local
     # the verifier still ranks first: the gold solution beats a random tiny model's text
     assert out["s-1"]["best_source"] == "reference" and out["s-1"]["worst_source"] == "student#0"
     assert out["s-3"]["best_source"] == "student#0"  # no reference: the generated answer is the only candidate
+
+
+def test_a_judge_that_fails_on_one_candidate_ranks_it_last_and_the_step_goes_on(ray_local, fake_openai):
+    """A judge behind a real HTTP endpoint that answers 500 for one candidate: that candidate is
+    unscored (last, with its reason in the report), every prompt still gets its best answer."""
+    from raypost.config import EngineConfig
+
+    rows = selection_rows()
+    rows[1]["response"] = "always-broken #### 20"   # the judge's endpoint fails on this one
+    log = CurationLog()
+    out = {r["id"]: r for r in rows_of(select_responses(
+        dataset_from_rows(rows), candidates=[ResponseSource("reference", "reference"), ResponseSource("teacher", "input")],
+        scorer="judge", scorer_model="judge-model",
+        scorer_engine=EngineConfig(backend="openai", base_url=fake_openai, max_retries=0, batch_size=8), log=log))}
+    assert sorted(out) == ["s-1", "s-2", "s-3"] and not log.rejected
+    broken = [c for c in out["s-2"]["candidates"] if c["source"] == "teacher#0"]
+    assert broken[0]["score"] is None and out["s-2"]["best_source"] == "reference"
+    report = log.reports["select"]
+    assert report["unscored"] == 1 and report["unscored_first"].startswith("s-2: EndpointError: ")
 
 
 @pytest.mark.slow
@@ -367,7 +386,7 @@ def test_curate_sets_aside_bad_rows_with_their_reason(ray_local, tmp_path):
 def test_recipe_runs_generate_then_curate(ray_local, tiny_model, tmp_path, shared_data):
     import yaml
 
-    from raypost.config import load_recipe
+    from raypost.recipe import load_recipe
     from raypost.recipe import run_recipe
 
     problems = gsm8k_questions(shared_data, 12)
@@ -400,7 +419,9 @@ def test_recipe_runs_generate_then_curate(ray_local, tiny_model, tmp_path, share
 def test_curate_input_path_is_found_beside_the_recipe(ray_local, tmp_path, monkeypatch):
     import yaml
 
-    from raypost.config import RecipeError, load_recipe
+    from raypost.config import RecipeError
+
+    from raypost.recipe import load_recipe
     from raypost.recipe import run_recipe
 
     project = tmp_path / "project"
@@ -424,7 +445,7 @@ def test_curate_input_path_is_found_beside_the_recipe(ray_local, tmp_path, monke
 
 
 def test_example_recipe_validates():
-    from raypost.config import load_recipe
+    from raypost.recipe import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "examples" / "curate.yaml")
     kinds = [s.kind for s in recipe.stages]

@@ -231,7 +231,7 @@ def test_rayjob_entrypoints_load_as_recipes(monkeypatch):
     """The RayJobs' `raypost run` commands name a real recipe and overrides it accepts."""
     import shlex
 
-    from raypost.config import load_recipe
+    from raypost.recipe import load_recipe
 
     monkeypatch.chdir(REPO)  # the job runs in its working_dir, a copy of the repository
     for where, entrypoint in _raypost_entrypoints():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -13,6 +10,8 @@ from raypost.config import EngineConfig, SamplingConfig
 from raypost.engines import Request, build_engine
 from raypost.engines.base import entropy_from_top_logprobs
 from raypost.engines.openai_engine import EndpointError
+
+from tests.fake_openai import FakeOpenAI
 
 QUESTION = [{"role": "user", "content": "What is 2+2?"}]
 
@@ -49,62 +48,6 @@ def test_entropy_from_top_logprobs_accounts_for_the_tail():
     assert entropy_from_top_logprobs([math.log(0.5), math.log(0.5)]) == pytest.approx(math.log(2))
     # 0.5 listed + 0.5 unlisted: the tail is one bucket
     assert entropy_from_top_logprobs([math.log(0.5)]) == pytest.approx(math.log(2))
-
-
-class FakeOpenAI(BaseHTTPRequestHandler):
-    """A minimal OpenAI-compatible endpoint: fails the first request of each prompt with 429/503."""
-
-    failures: dict[str, int] = {}
-    lock = threading.Lock()
-    seen_auth: list[str] = []
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.seen_auth.append(self.headers.get("Authorization", ""))
-        content = body["messages"][-1]["content"]
-        with self.lock:
-            count = self.failures.get(content, 0)
-            self.failures[content] = count + 1
-        if content == "always-broken":
-            return self._send(500, {"error": {"message": "boom"}})
-        if count == 0 and content.startswith("flaky"):
-            return self._send(429 if content.endswith("1") else 503, {"error": {"message": "slow down"}},
-                              {"Retry-After": "0"})
-        choices = []
-        for i in range(body.get("n", 1)):
-            message = {"role": "assistant", "content": f"echo {content} #{i}"}
-            choice = {"index": i, "message": message, "finish_reason": "stop"}
-            if body.get("logprobs"):
-                choice["logprobs"] = {"content": [
-                    {"token": "echo", "logprob": math.log(0.5),
-                     "top_logprobs": [{"token": "echo", "logprob": math.log(0.5)},
-                                      {"token": "say", "logprob": math.log(0.25)}]}]}
-            choices.append(choice)
-        self._send(200, {"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * len(choices)}})
-
-    def _send(self, status, payload, headers=None):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-
-@pytest.fixture
-def fake_openai():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    FakeOpenAI.failures.clear()
-    FakeOpenAI.seen_auth.clear()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
 
 
 def test_openai_engine_retries_429_and_5xx_and_keeps_logprobs(fake_openai, monkeypatch):

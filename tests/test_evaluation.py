@@ -302,7 +302,7 @@ def test_end_to_end_tiny_model_writes_every_output(tmp_path, ray_local, tiny_mod
 def test_eval_stage_in_a_recipe_writes_runs_and_the_table(tmp_path, ray_local, capsys):
     import yaml
 
-    from raypost.config import load_recipe
+    from raypost.recipe import load_recipe
     from raypost.recipe import run_recipe
 
     recipe_path = tmp_path / "eval.yaml"

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raypost.config import RecipeError, load_recipe
+from raypost.config import RecipeError
+
+from raypost.recipe import load_recipe
 from raypost.loop.config import LoopRecipe
 from raypost.loop.ledger import Caps, Ledger, Totals
 

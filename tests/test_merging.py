@@ -310,7 +310,7 @@ stages:
 
 
 def test_merge_stage_runs_once_and_chains(models, tmp_path):
-    from raypost.config import load_recipe
+    from raypost.recipe import load_recipe
     from raypost.recipe import run_recipe
 
     recipe_path = write_stage_recipe(tmp_path, models)
@@ -345,7 +345,8 @@ def test_cli_merge_command(models, tmp_path, ray_local):
 
 
 def test_merge_stage_config_errors(tmp_path):
-    from raypost.config import RecipeError, load_recipe
+    from raypost.config import RecipeError
+    from raypost.recipe import load_recipe
 
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text("name: x\nstages:\n  - kind: merge\n    method: ties\n    models: [a, b]\n")
@@ -356,7 +357,8 @@ def test_merge_stage_config_errors(tmp_path):
 
 
 def test_stage_reference_to_missing_export(models, tmp_path):
-    from raypost.config import RecipeError, load_recipe
+    from raypost.config import RecipeError
+    from raypost.recipe import load_recipe
     from raypost.recipe import run_recipe
 
     recipe_path = tmp_path / "recipe.yaml"
@@ -369,7 +371,7 @@ def test_stage_reference_to_missing_export(models, tmp_path):
 
 
 def test_example_recipe_validates():
-    from raypost.config import load_recipe
+    from raypost.recipe import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "examples" / "merge.yaml")
     assert [s.kind for s in recipe.stages].count("merge") >= 1

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raypost.config import RecipeError, load_recipe
+from raypost.config import RecipeError
+
+from raypost.recipe import load_recipe
 from raypost.loop.config import LoopRecipe, SplitConfig
 from raypost.loop.ledger import Ledger
 from raypost.loop.sipf import make_pairs, prefix_key, split_steps

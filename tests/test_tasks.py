@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from raypost.config import EngineConfig, SamplingConfig, load_recipe
+from raypost.config import EngineConfig, SamplingConfig
+
+from raypost.recipe import load_recipe
 from raypost.engines import Request, build_engine
 from raypost.evaluation.loaders import load_gsm8k
 from raypost.tasks import arith
@@ -137,7 +140,19 @@ def test_synth_stage_pool_feeds_the_procedural_teacher(tmp_path, capsys):
                    {"kind": "generate", "name": "teacher", "input": {"stage": "pool"},
                     "engine": {"backend": "procedural", "batch_size": 8}, "sampling": {"max_tokens": 512}}],
     }))
-    summaries = run_recipe(load_recipe(path))
+    # as a user runs it, with its own local Ray: the terminal shows raypost's lines only, and
+    # what Ray and the libraries print goes to the run's log
+    result = subprocess.run([sys.executable, "-m", "raypost", "run", str(path)], capture_output=True, text=True,
+                            timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    log = tmp_path / "out" / "logs" / "driver.log"
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"logs: {log} (--verbose to show them here)" and lines[-1].startswith("done: 2 stage(s)")
+    assert all(line.startswith(("logs: ", "stage ", "synth ", "generate", "done: ")) for line in lines), lines
+    assert sum(line.startswith("generate [") for line in lines) <= 4   # a bar, not a line per batch
+    assert "Started a local Ray instance" in log.read_text()
+    summaries = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summaries["pool"]["items"] == 24
     rows = records.read_rows(tmp_path / "out" / "teacher")
     assert len(rows) == 24 and summaries["teacher"]["rows_rejected"] == 0

@@ -260,7 +260,7 @@ def test_recipe_two_stage_sft_then_kto(tmp_path, tiny_model, ray_local):
     import yaml
 
     from raypost import records
-    from raypost.config import load_recipe
+    from raypost.recipe import load_recipe
     from raypost.recipe import run_recipe
 
     # the curation stage's layout: <stage>/sft and <stage>/kto Parquet dirs

@@ -11,9 +11,9 @@ from typing import Literal
 
 import pyarrow as pa
 
+from raypost import schema
 from raypost.curation.rows import CurationLog, batch_rows, collect, rows_table
 
-VERIFY_COLUMNS = {"verified": pa.bool_(), "verify_reason": pa.string()}
 
 
 def verify_batch(batch: pa.Table, *, kind: str, response_field: str, reference_field: str) -> pa.Table:
@@ -21,7 +21,7 @@ def verify_batch(batch: pa.Table, *, kind: str, response_field: str, reference_f
 
     rows = batch_rows(batch)
     checked = verify_rows(rows, kind=kind, response_field=response_field, reference_field=reference_field)
-    return rows_table([dict(r) for r in checked], batch.schema, VERIFY_COLUMNS)
+    return rows_table([dict(r) for r in checked], batch.schema, schema.VERIFY_COLUMNS)
 
 
 def _checkable(batch: pa.Table, response_field: str, reference_field: str) -> pa.Array:
@@ -56,12 +56,12 @@ def verify(dataset, *, kind: Literal["math", "code"] = "math", response_field: s
     checked = usable.map_batches(verify_batch, fn_kwargs=dict(kind=kind, response_field=response_field,
                                                               reference_field=reference_field),
                                  batch_format="pyarrow", batch_size=64).materialize()
-    flags = collect(checked, ["verified"]).column("verified").to_pylist()
+    flags = collect(checked, [schema.VERIFIED]).column(schema.VERIFIED).to_pylist()
     passed = sum(1 for f in flags if f)
     if drop_failed and passed < len(flags):
-        for row in collect(checked.filter(lambda r: not r["verified"])).to_pylist():
+        for row in collect(checked.filter(lambda r: not r[schema.VERIFIED])).to_pylist():
             log.reject("verify", row, f"failed verification: {row['verify_reason']}")
-        checked = checked.filter(lambda r: bool(r["verified"])).materialize()
+        checked = checked.filter(lambda r: bool(r[schema.VERIFIED])).materialize()
     log.report("verify", {
         "kind": kind,
         "rows_checked": len(flags),

@@ -40,7 +40,7 @@ class VerifyStep(StrictModel):
 
 
 class TeacherCoTConfig(StrictModel):
-    """Where hard prompts' chain of thought comes from (see raypost.curation.entropy.TeacherSource)."""
+    """Where hard prompts' chain of thought comes from (see raypost.curation.sources.ResponseSource)."""
 
     source: Literal["input", "stage", "generate"] = "input"
     stage: str | None = Field(None, description="for source: stage, an earlier stage's name (or a directory)")

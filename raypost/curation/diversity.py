@@ -132,7 +132,7 @@ def diversify(dataset, *, budget: int, n_clusters: int = 8, embedder: Literal["m
 
     def keep(batch: pa.Table) -> pa.Table:
         batch_ids = [str(i) for i in batch.column(schema.ID).to_pylist()]
-        batch = batch.append_column("cluster", pa.array([cluster_of.get(i, -1) for i in batch_ids], type=pa.int32()))
+        batch = batch.append_column(schema.CLUSTER, pa.array([cluster_of.get(i, -1) for i in batch_ids], type=pa.int32()))
         return batch.filter(pa.array([i in chosen for i in batch_ids]))
 
     kept = dataset.map_batches(keep, batch_format="pyarrow").materialize()

@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -24,24 +22,8 @@ import pyarrow as pa
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.curation.config import DEFAULT_ANSWER_PROMPT
+from raypost.curation.sources import ResponseSource
 from raypost.curation.rows import CurationLog, attach_decisions, batch_rows, collect, column_names, natural_key, question_text, rows_table
-
-SCORE_COLUMNS = {
-    "entropy": pa.float64(),
-    "entropy_normalized": pa.float64(),
-    "student_answer": pa.string(),
-    "student_error": pa.string(),
-}
-ROUTE_COLUMNS = {
-    "entropy": pa.float64(),
-    "entropy_normalized": pa.float64(),
-    "student_answer": pa.string(),
-    "student_correct": pa.bool_(),
-    "difficulty": pa.string(),
-    "target": pa.string(),
-    "target_source": pa.string(),
-}
-
 
 def answer_only_messages(messages: list[dict[str, str]], answer_prompt: str = DEFAULT_ANSWER_PROMPT) -> list[dict[str, str]]:
     """The question alone, re-asked for its final answer (the original system prompt may ask for steps)."""
@@ -66,22 +48,16 @@ class EntropyScorer:
 
         rows = batch_rows(batch)
         requests = [Request(str(r[schema.ID]), answer_only_messages(r[schema.MESSAGES], self.answer_prompt)) for r in rows]
-        try:
-            outputs: list[Any] = [o[0] for o in self.engine.generate(requests, self.sampling)]
-        except Exception:
-            outputs = []
-            for request in requests:  # one bad prompt must not sink its batch
-                try:
-                    outputs.append(self.engine.generate([request], self.sampling)[0][0])
-                except Exception as error:
-                    outputs.append(f"{type(error).__name__}: {error}")
+        from raypost.engines import generate_each
+
+        outputs = [out if isinstance(out, str) else out[0] for out in generate_each(self.engine, requests, self.sampling)]
         for row, out in zip(rows, outputs):
             failed = isinstance(out, str)
-            row["entropy"] = None if failed else out.first_token_entropy
-            row["entropy_normalized"] = None if failed else out.first_token_entropy / self.log_vocab
-            row["student_answer"] = None if failed else out.text
-            row["student_error"] = out if failed else None
-        return rows_table(rows, batch.schema if isinstance(batch, pa.Table) else None, SCORE_COLUMNS)
+            row[schema.ENTROPY] = None if failed else out.first_token_entropy
+            row[schema.ENTROPY_NORMALIZED] = None if failed else out.first_token_entropy / self.log_vocab
+            row[schema.STUDENT_ANSWER] = None if failed else out.text
+            row[schema.ERROR] = out if failed else None
+        return rows_table(rows, batch.schema if isinstance(batch, pa.Table) else None, schema.SCORE_COLUMNS)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -91,7 +67,7 @@ class EntropyScorer:
 
 def score_entropy(dataset, *, model: str, engine: EngineConfig | None = None, answer_prompt: str = DEFAULT_ANSWER_PROMPT,
                   max_tokens: int = 16, resources: Resources | None = None, cache_dir: str | None = None):
-    """Add `entropy` (nats), `entropy_normalized` (/ ln V), `student_answer`, `student_error` to each row.
+    """Add `entropy` (nats), `entropy_normalized` (/ ln V), `student_answer`, `error` to each row.
 
     Pass one row per prompt. The entropy is always the first token's; max_tokens only bounds the
     answer text kept for checking the student (1 is enough for routing alone).
@@ -131,23 +107,6 @@ def entropy_auc(entropies: list[float], correct: list[bool | None]) -> float | N
     return float(roc_auc_score([w for _, w in pairs], [e for e, _ in pairs]))
 
 
-@dataclass
-class TeacherSource:
-    """Where hard prompts' chain of thought comes from.
-
-    input: the rows' own `response` (the input is the teacher's generate stage);
-    stage: responses of an earlier stage's output directory, joined by id;
-    generate: generated now, for hard prompts only, with `model` (what routing saves for real).
-    """
-
-    source: Literal["input", "stage", "generate"] = "input"
-    stage_dir: str | None = None
-    model: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
-    output_dir: str | None = None
-
-
 def _short_answer(reference: str | None, template: str) -> str | None:
     from raypost.verify.math_answer import reference_answer
 
@@ -177,9 +136,9 @@ def _pick_cot(candidates: list[dict[str, Any]], require_verified: bool) -> tuple
     if not with_text:
         return None, "hard prompt: no teacher chain of thought"
     if require_verified:
-        checked = [c for c in with_text if c.get("verified")]
+        checked = [c for c in with_text if c.get(schema.VERIFIED)]
         if not checked:
-            reasons = sorted({str(c.get("verify_reason")) for c in with_text})
+            reasons = sorted({str(c.get(schema.VERIFY_REASON)) for c in with_text})
             return None, f"hard prompt: no teacher chain of thought passed verification ({'; '.join(reasons)[:200]})"
         with_text = checked
     return min(with_text, key=lambda c: c.get(schema.SAMPLE_INDEX) or 0), ""
@@ -189,16 +148,16 @@ def _verify_candidates(candidates: list[dict[str, Any]]) -> None:
     from raypost.verify.math_answer import verify_math
 
     for c in candidates:
-        if "verified" not in c or c["verified"] is None:
+        if schema.VERIFIED not in c or c[schema.VERIFIED] is None:
             if c.get(schema.REFERENCE) and c.get(schema.RESPONSE):
-                c["verified"], c["verify_reason"] = verify_math(c[schema.RESPONSE], c[schema.REFERENCE])
+                c[schema.VERIFIED], c[schema.VERIFY_REASON] = verify_math(c[schema.RESPONSE], c[schema.REFERENCE])
             else:
-                c["verified"], c["verify_reason"] = False, "no reference or response"
+                c[schema.VERIFIED], c[schema.VERIFY_REASON] = False, "no reference or response"
 
 
 def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, answer_prompt: str = DEFAULT_ANSWER_PROMPT,
                   answer_max_tokens: int = 16, low_quantile: float = 0.25, high_quantile: float = 0.75,
-                  teacher: TeacherSource | None = None, short_answer_template: str = "#### {answer}",
+                  teacher: ResponseSource | None = None, short_answer_template: str = "#### {answer}",
                   require_verified_cot: bool = True, resources: Resources | None = None,
                   cache_dir: str | None = None, log: CurationLog | None = None):
     """Score prompts by the student's first-token entropy, label difficulty, pick each training target.
@@ -207,121 +166,46 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
     `student_correct`, `difficulty` (easy/medium/hard), `target` (the text to train on) and
     `target_source` (teacher_cot / short_answer). Report: thresholds, split, ROC AUC, savings.
     """
-    import ray
-
     log = log if log is not None else CurationLog()
-    teacher = teacher or TeacherSource()
+    teacher = teacher or ResponseSource("teacher")
     started = time.perf_counter()
     dataset = dataset.materialize()
     names = column_names(dataset)
     light_columns = [c for c in (schema.ID, schema.SAMPLE_INDEX, schema.MESSAGES, schema.REFERENCE, schema.RESPONSE,
-                                 schema.COMPLETION_TOKENS, "verified", "verify_reason") if c in names]
-    light = collect(dataset, light_columns).to_pylist()
+                                 schema.COMPLETION_TOKENS, schema.VERIFIED, schema.VERIFY_REASON) if c in names]
     by_id: dict[str, list[dict[str, Any]]] = {}
-    for row in light:
+    for row in collect(dataset, light_columns).to_pylist():
         by_id.setdefault(str(row[schema.ID]), []).append(row)
-    ids = sorted(by_id, key=natural_key)
 
-    # 1. the student's entropy, one row per prompt, on engine actors
-    units = [{schema.ID: i, schema.MESSAGES: by_id[i][0][schema.MESSAGES]} for i in ids]
-    scored_at = time.perf_counter()
-    scored = collect(score_entropy(ray.data.from_arrow(pa.Table.from_pylist(units)), model=model, engine=engine,
-                                   answer_prompt=answer_prompt, max_tokens=answer_max_tokens, resources=resources,
-                                   cache_dir=cache_dir)).to_pylist()
-    scoring_seconds = time.perf_counter() - scored_at
-    score = {str(r[schema.ID]): r for r in scored}
-    failed = {i for i in ids if score.get(i, {}).get("entropy") is None}
+    score, scoring_seconds = _student_scores(by_id, model=model, engine=engine, answer_prompt=answer_prompt,
+                                             max_tokens=answer_max_tokens, resources=resources, cache_dir=cache_dir)
+    failed = {i for i in by_id if score.get(i, {}).get(schema.ENTROPY) is None}
     for i in failed:
         for row in by_id[i]:
-            log.reject("entropy_route", row, f"student scoring failed: {score.get(i, {}).get('student_error') or 'no output'}")
-    ids = [i for i in ids if i not in failed]
+            log.reject("entropy_route", row, f"student scoring failed: {score.get(i, {}).get(schema.ERROR) or 'no output'}")
+    ids = [i for i in sorted(by_id, key=natural_key) if i not in failed]
     if not ids:
         log.report("entropy_route", {"prompts_in": len(by_id), "prompts_out": 0, "scoring_failed": len(failed)})
         return dataset.limit(0)
 
-    # 2. quantile thresholds over the whole dataset
-    normalized = [score[i]["entropy_normalized"] for i in ids]
-    low, high = difficulty_thresholds(normalized, low_quantile, high_quantile)
-    difficulty = {i: difficulty_of(score[i]["entropy_normalized"], low, high) for i in ids}
-    correct = {i: _student_correct(score[i]["student_answer"], by_id[i][0].get(schema.REFERENCE)) for i in ids}
+    # quantile thresholds over the whole dataset
+    low, high = difficulty_thresholds([score[i][schema.ENTROPY_NORMALIZED] for i in ids], low_quantile, high_quantile)
+    difficulty = {i: difficulty_of(score[i][schema.ENTROPY_NORMALIZED], low, high) for i in ids}
+    correct = {i: _student_correct(score[i][schema.STUDENT_ANSWER], by_id[i][0].get(schema.REFERENCE)) for i in ids}
     hard = [i for i in ids if difficulty[i] == "hard"]
 
-    # 3. the teacher's chain of thought, for hard prompts
-    cot_candidates: dict[str, list[dict[str, Any]]] = {}
-    generated_tokens = None
-    if teacher.source == "input":
-        cot_candidates = {i: [dict(r) for r in by_id[i]] for i in ids}
-    elif teacher.source == "stage":
-        from raypost import records
-
-        for row in records.read_rows(teacher.stage_dir):
-            cot_candidates.setdefault(str(row[schema.ID]), []).append(row)
-    else:
-        from raypost import records
-        from raypost.generation.pipeline import generate
-
-        out_dir = Path(teacher.output_dir or "teacher_cot")
-        summary = generate([{schema.ID: i, schema.MESSAGES: by_id[i][0][schema.MESSAGES],
-                             schema.REFERENCE: by_id[i][0].get(schema.REFERENCE)} for i in hard],
-                           model=teacher.model, output_dir=out_dir, engine=teacher.engine, sampling=teacher.sampling,
-                           resources=resources, cache_dir=cache_dir, source="entropy_route", progress=False)
-        generated_tokens = summary.completion_tokens
-        for row in records.read_rows(out_dir):
-            cot_candidates.setdefault(str(row[schema.ID]), []).append(row)
+    # the teacher's chain of thought: generated for hard prompts only; read for all when it
+    # exists already (what the others did not need is the saving)
+    cot_candidates, generated_tokens = teacher.responses(
+        by_id, ids if teacher.from_ in ("input", "stage") else hard, resources=resources, cache_dir=cache_dir,
+        progress="curate: teacher chain of thought")
     if require_verified_cot:
         for i in hard:
             _verify_candidates(cot_candidates.get(i, []))
 
-    # 4. one target per prompt
-    decision: dict[str, dict[str, Any]] = {}
-    cot_tokens: dict[str, int | None] = {}
-    for i in ids:
-        base = dict(by_id[i][0])
-        if difficulty[i] == "hard":
-            chosen, why = _pick_cot(cot_candidates.get(i, []), require_verified_cot)
-            if chosen is None:
-                for row in by_id[i]:
-                    log.reject("entropy_route", row, why)
-                continue
-            target, source = chosen[schema.RESPONSE], "teacher_cot"
-            cot_tokens[i] = chosen.get(schema.COMPLETION_TOKENS)
-            if teacher.source == "input":
-                base = dict(chosen)
-        else:
-            target = _short_answer(base.get(schema.REFERENCE), short_answer_template)
-            source = "short_answer"
-            if target is None:
-                for row in by_id[i]:
-                    log.reject("entropy_route", row, f"{difficulty[i]} prompt: no final answer in the reference "
-                                                     "to use as the short answer")
-                continue
-        decision[i] = {
-            "sample": base.get(schema.SAMPLE_INDEX),
-            "entropy": score[i]["entropy"],
-            "entropy_normalized": score[i]["entropy_normalized"],
-            "student_answer": score[i]["student_answer"],
-            "student_correct": correct[i],
-            "difficulty": difficulty[i],
-            "target": target,
-            "target_source": source,
-        }
-
-    routed = attach_decisions(dataset, decision, ROUTE_COLUMNS)
-
-    # what routing saved: chain-of-thought the easy and medium prompts did not need
-    easy_medium = [i for i in ids if difficulty[i] != "hard"]
-    unused_cot_tokens, estimated = None, False
-    if teacher.source in ("input", "stage"):
-        per_prompt = []
-        for i in easy_medium:
-            known = [c.get(schema.COMPLETION_TOKENS) for c in cot_candidates.get(i, []) if c.get(schema.COMPLETION_TOKENS)]
-            if known:
-                per_prompt.append(min(known))
-        unused_cot_tokens = int(sum(per_prompt)) if per_prompt else None
-    used = [t for t in cot_tokens.values() if t]
-    used_tokens = generated_tokens if generated_tokens is not None else (int(sum(used)) if used else None)
-    if unused_cot_tokens is None and used:
-        unused_cot_tokens, estimated = int(np.mean(used) * len(easy_medium)), True
+    decision, cot_tokens = _choose_targets(ids, by_id, score, difficulty, correct, cot_candidates, teacher,
+                                           require_verified_cot, short_answer_template, log)
+    routed = attach_decisions(dataset, decision, schema.ROUTE_COLUMNS)
     counts = {d: sum(1 for i in ids if difficulty[i] == d) for d in ("easy", "medium", "hard")}
     checked = [i for i in ids if correct[i] is not None]
     log.report("entropy_route", {
@@ -336,18 +220,90 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
         "student_accuracy_by_difficulty": {
             d: (round(sum(1 for i in checked if difficulty[i] == d and correct[i])
                       / max(1, sum(1 for i in checked if difficulty[i] == d)), 4)) for d in counts},
-        "entropy_roc_auc": entropy_auc([score[i]["entropy"] for i in ids], [correct[i] for i in ids]),
+        "entropy_roc_auc": entropy_auc([score[i][schema.ENTROPY] for i in ids], [correct[i] for i in ids]),
         "auc_prompts": len(checked),
-        "teacher_source": teacher.source,
-        "cot_prompts_used": len(hard),
+        "teacher_source": teacher.from_,
+        **_savings(ids, difficulty, cot_candidates, cot_tokens, generated_tokens, teacher),
+        "collapsed_samples": sum(len(by_id[i]) - 1 for i in decision),
+        "scoring_seconds": round(scoring_seconds, 3),
+        "scoring_rows_per_second": round(len(by_id) / scoring_seconds, 3) if scoring_seconds else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    })
+    return routed
+
+
+def _student_scores(by_id: dict[str, list[dict[str, Any]]], *, model, engine, answer_prompt, max_tokens, resources,
+                    cache_dir) -> tuple[dict[str, dict[str, Any]], float]:
+    """The student's entropy (and short answer), one row per prompt, on engine actors."""
+    import ray
+
+    units = [{schema.ID: i, schema.MESSAGES: rows[0][schema.MESSAGES]} for i, rows in by_id.items()]
+    started = time.perf_counter()
+    scored = collect(score_entropy(ray.data.from_arrow(pa.Table.from_pylist(units)), model=model, engine=engine,
+                                   answer_prompt=answer_prompt, max_tokens=max_tokens, resources=resources,
+                                   cache_dir=cache_dir)).to_pylist()
+    return {str(r[schema.ID]): r for r in scored}, time.perf_counter() - started
+
+
+def _choose_targets(ids, by_id, score, difficulty, correct, cot_candidates, teacher: ResponseSource,
+                    require_verified_cot: bool, short_answer_template: str, log: CurationLog):
+    """One target per prompt: a verified chain of thought for a hard one, the short answer for
+    the rest; a prompt that has neither is set aside with the reason."""
+    decision: dict[str, dict[str, Any]] = {}
+    cot_tokens: dict[str, int | None] = {}
+    for i in ids:
+        base = dict(by_id[i][0])
+        if difficulty[i] == "hard":
+            chosen, why = _pick_cot(cot_candidates.get(i, []), require_verified_cot)
+            if chosen is None:
+                for row in by_id[i]:
+                    log.reject("entropy_route", row, why)
+                continue
+            target, source = chosen[schema.RESPONSE], "teacher_cot"
+            cot_tokens[i] = chosen.get(schema.COMPLETION_TOKENS)
+            if teacher.from_ == "input":
+                base = dict(chosen)
+        else:
+            target = _short_answer(base.get(schema.REFERENCE), short_answer_template)
+            source = "short_answer"
+            if target is None:
+                for row in by_id[i]:
+                    log.reject("entropy_route", row, f"{difficulty[i]} prompt: no final answer in the reference "
+                                                     "to use as the short answer")
+                continue
+        decision[i] = {
+            "sample": base.get(schema.SAMPLE_INDEX),
+            schema.ENTROPY: score[i][schema.ENTROPY],
+            schema.ENTROPY_NORMALIZED: score[i][schema.ENTROPY_NORMALIZED],
+            schema.STUDENT_ANSWER: score[i][schema.STUDENT_ANSWER],
+            schema.STUDENT_CORRECT: correct[i],
+            schema.DIFFICULTY: difficulty[i],
+            schema.TARGET: target,
+            schema.TARGET_SOURCE: source,
+        }
+    return decision, cot_tokens
+
+
+def _savings(ids, difficulty, cot_candidates, cot_tokens, generated_tokens, teacher: ResponseSource) -> dict[str, Any]:
+    """What routing saved: the chain of thought that easy and medium prompts did not need."""
+    easy_medium = [i for i in ids if difficulty[i] != "hard"]
+    unused_cot_tokens, estimated = None, False
+    if teacher.from_ in ("input", "stage"):
+        per_prompt = []
+        for i in easy_medium:
+            known = [c.get(schema.COMPLETION_TOKENS) for c in cot_candidates.get(i, []) if c.get(schema.COMPLETION_TOKENS)]
+            if known:
+                per_prompt.append(min(known))
+        unused_cot_tokens = int(sum(per_prompt)) if per_prompt else None
+    used = [t for t in cot_tokens.values() if t]
+    used_tokens = generated_tokens if generated_tokens is not None else (int(sum(used)) if used else None)
+    if unused_cot_tokens is None and used:
+        unused_cot_tokens, estimated = int(np.mean(used) * len(easy_medium)), True
+    return {
+        "cot_prompts_used": len(ids) - len(easy_medium),
         "cot_prompts_saved": len(easy_medium),
         "cot_prompts_saved_fraction": round(len(easy_medium) / len(ids), 4),
         "cot_tokens_used": used_tokens,
         "cot_tokens_saved": unused_cot_tokens,
         "cot_tokens_saved_estimated": estimated,
-        "collapsed_samples": sum(len(by_id[i]) - 1 for i in decision),
-        "scoring_seconds": round(scoring_seconds, 3),
-        "scoring_rows_per_second": round(len(units) / scoring_seconds, 3) if scoring_seconds else None,
-        "seconds": round(time.perf_counter() - started, 3),
-    })
-    return routed
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -59,57 +60,102 @@ def validate(dataset, log: CurationLog):
     return good.materialize()
 
 
-def run_step(dataset, step, *, output_dir: Path, log: CurationLog, model_reference: Callable[[str], str],
-             stage_dir: Callable[[str], Path], resources: Resources, cache_dir: str | None):
+@dataclass
+class StepContext:
+    """What a step may ask about the run it is part of."""
+
+    output_dir: Path
+    log: CurationLog
+    model_reference: Callable[[str], str]
+    stage_dir: Callable[[str], Path]
+    resources: Resources
+    cache_dir: str | None
+
+
+# `step:` name -> the function that runs it (Dataset in, Dataset out); a new step registers here.
+STEP_RUNNERS: dict[str, Callable[[Any, Any, StepContext], Any]] = {}
+
+
+def step_runner(name: str):
+    def register(function):
+        STEP_RUNNERS[name] = function
+        return function
+    return register
+
+
+@step_runner("dedup")
+def _dedup(dataset, step: cfg.DedupStep, ctx: StepContext):
+    from raypost.curation.dedup import dedup
+
+    return dedup(dataset, field=step.field, exact=step.exact, near=step.near, threshold=step.threshold,
+                 num_perm=step.num_perm, shingle=step.shingle, shingle_size=step.shingle_size, log=ctx.log)
+
+
+@step_runner("diversity")
+def _diversity(dataset, step: cfg.DiversityStep, ctx: StepContext):
+    from raypost.curation.diversity import diversify
+
+    return diversify(dataset, budget=step.budget, n_clusters=step.n_clusters, embedder=step.embedder,
+                     seed=step.seed, concurrency=ctx.resources.concurrency, log=ctx.log)
+
+
+@step_runner("verify")
+def _verify(dataset, step: cfg.VerifyStep, ctx: StepContext):
+    from raypost.curation.accuracy import verify
+
+    return verify(dataset, kind=step.kind, response_field=step.response_field,
+                  reference_field=step.reference_field, drop_failed=step.drop_failed, log=ctx.log)
+
+
+@step_runner("entropy_route")
+def _entropy_route(dataset, step: cfg.EntropyRouteStep, ctx: StepContext):
+    from raypost.curation.entropy import entropy_route
+    from raypost.curation.sources import ResponseSource
+
+    t = step.teacher
+    teacher = ResponseSource(
+        "teacher", from_=t.source,
+        stage_dir=None if t.stage is None else str(ctx.stage_dir(t.stage)),
+        model=ctx.model_reference(t.model) if t.source == "generate" else None,
+        engine=t.engine, sampling=t.sampling, output_dir=str(ctx.output_dir / "work" / "teacher_cot"))
+    return entropy_route(dataset, model=ctx.model_reference(step.model), engine=step.engine,
+                         answer_prompt=step.answer_prompt, answer_max_tokens=step.answer_max_tokens,
+                         low_quantile=step.low_quantile, high_quantile=step.high_quantile, teacher=teacher,
+                         short_answer_template=step.short_answer_template,
+                         require_verified_cot=step.require_verified_cot, resources=ctx.resources,
+                         cache_dir=ctx.cache_dir, log=ctx.log)
+
+
+@step_runner("select")
+def _select(dataset, step: cfg.SelectStep, ctx: StepContext):
+    from raypost.curation.selection import select_responses
+    from raypost.curation.sources import ResponseSource
+
+    sources = [ResponseSource(
+        name=c.name, from_=c.source, stage_dir=None if c.stage is None else str(ctx.stage_dir(c.stage)),
+        model=None if c.model is None else ctx.model_reference(c.model), engine=c.engine, sampling=c.sampling,
+        output_dir=str(ctx.output_dir / "work" / f"candidates_{c.name}")) for c in step.candidates]
+    return select_responses(dataset, candidates=sources, scorer=step.scorer,
+                            scorer_model=ctx.model_reference(step.scorer_model) if step.scorer != "none" else None,
+                            scorer_engine=step.scorer_engine, verify_kind=step.verify_kind,
+                            resources=ctx.resources, cache_dir=ctx.cache_dir, log=ctx.log)
+
+
+@step_runner("write")
+def _write(dataset, step: cfg.WriteStep, ctx: StepContext):
+    from raypost.curation.writers import write_training_sets
+
+    write_training_sets(dataset, ctx.output_dir, formats=step.formats, sft_from=step.sft_from,
+                        kto_from=step.kto_from, log=ctx.log)
+    return dataset
+
+
+def run_step(dataset, step, ctx: StepContext):
     """One configured step, Dataset in, Dataset out."""
-    if isinstance(step, cfg.DedupStep):
-        from raypost.curation.dedup import dedup
-
-        return dedup(dataset, field=step.field, exact=step.exact, near=step.near, threshold=step.threshold,
-                     num_perm=step.num_perm, shingle=step.shingle, shingle_size=step.shingle_size, log=log)
-    if isinstance(step, cfg.DiversityStep):
-        from raypost.curation.diversity import diversify
-
-        return diversify(dataset, budget=step.budget, n_clusters=step.n_clusters, embedder=step.embedder,
-                         seed=step.seed, concurrency=resources.concurrency, log=log)
-    if isinstance(step, cfg.VerifyStep):
-        from raypost.curation.accuracy import verify
-
-        return verify(dataset, kind=step.kind, response_field=step.response_field,
-                      reference_field=step.reference_field, drop_failed=step.drop_failed, log=log)
-    if isinstance(step, cfg.EntropyRouteStep):
-        from raypost.curation.entropy import TeacherSource, entropy_route
-
-        t = step.teacher
-        teacher = TeacherSource(
-            source=t.source,
-            stage_dir=None if t.stage is None else str(stage_dir(t.stage)),
-            model=model_reference(t.model) if t.source == "generate" else None,
-            engine=t.engine, sampling=t.sampling, output_dir=str(output_dir / "work" / "teacher_cot"))
-        return entropy_route(dataset, model=model_reference(step.model), engine=step.engine,
-                             answer_prompt=step.answer_prompt, answer_max_tokens=step.answer_max_tokens,
-                             low_quantile=step.low_quantile, high_quantile=step.high_quantile, teacher=teacher,
-                             short_answer_template=step.short_answer_template,
-                             require_verified_cot=step.require_verified_cot, resources=resources,
-                             cache_dir=cache_dir, log=log)
-    if isinstance(step, cfg.SelectStep):
-        from raypost.curation.selection import CandidateSource, select_responses
-
-        sources = [CandidateSource(
-            name=c.name, from_=c.source, stage_dir=None if c.stage is None else str(stage_dir(c.stage)),
-            model=None if c.model is None else model_reference(c.model), engine=c.engine, sampling=c.sampling,
-            output_dir=str(output_dir / "work" / f"candidates_{c.name}")) for c in step.candidates]
-        return select_responses(dataset, candidates=sources, scorer=step.scorer,
-                                scorer_model=model_reference(step.scorer_model) if step.scorer != "none" else None,
-                                scorer_engine=step.scorer_engine, verify_kind=step.verify_kind,
-                                resources=resources, cache_dir=cache_dir, log=log)
-    if isinstance(step, cfg.WriteStep):
-        from raypost.curation.writers import write_training_sets
-
-        write_training_sets(dataset, output_dir, formats=step.formats, sft_from=step.sft_from,
-                            kto_from=step.kto_from, log=log)
-        return dataset
-    raise TypeError(f"unknown curation step {step!r}")
+    runner = STEP_RUNNERS.get(getattr(step, "step", None))
+    if runner is None:
+        raise TypeError(f"unknown curation step {step!r}; known: {', '.join(STEP_RUNNERS)}")
+    return runner(dataset, step, ctx)
 
 
 def clear_outputs(output_dir: Path) -> None:
@@ -135,9 +181,10 @@ def curate(dataset, steps: Sequence[Any], *, output_dir: str | Path, model_refer
     log = CurationLog(rejected=list(rejected))
     started = time.perf_counter()
     dataset = validate(dataset, log)
+    ctx = StepContext(output_dir=output_dir, log=log, model_reference=model_reference, stage_dir=stage_dir,
+                      resources=resources, cache_dir=cache_dir)
     for step in steps:
-        dataset = run_step(dataset, step, output_dir=output_dir, log=log, model_reference=model_reference,
-                           stage_dir=stage_dir, resources=resources, cache_dir=cache_dir)
+        dataset = run_step(dataset, step, ctx)
     rows_out = 0
     for table in (collect(dataset),):
         if table.num_rows:

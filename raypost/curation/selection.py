@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -22,86 +20,44 @@ import pyarrow as pa
 
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
+from raypost.curation.sources import ResponseSource
 from raypost.curation.rows import CurationLog, attach_decisions, collect, column_names, natural_key, question_text, rows_table
 
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
 JUDGE_PROMPT = (
     "Rate how good the answer below is for the question, from 1 (wrong or useless) to 10 "
     "(correct and clear). Reply with the number only.\n\nQuestion:\n{question}\n\nAnswer:\n{answer}"
 )
-SELECT_COLUMNS = {
-    "best": pa.string(),
-    "best_source": pa.string(),
-    "worst": pa.string(),
-    "worst_source": pa.string(),
-    "candidates": pa.list_(pa.struct([("source", pa.string()), ("text", pa.string()), ("verified", pa.bool_()),
-                                      ("score", pa.float64())])),
-}
-
-
-@dataclass
-class CandidateSource:
-    """One kind of candidate response.
-
-    from_: reference (the row's reference; GSM8K's <<calc>> notes removed), input (the rows'
-    `response`, every sample), stage (responses in `stage_dir`, joined by id), generate
-    (generated now with `model`, into `output_dir`).
-    """
-
-    name: str
-    from_: Literal["reference", "input", "stage", "generate"]
-    stage_dir: str | None = None
-    model: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
-    output_dir: str | None = None
-
-
-def clean_reference(text: str) -> str:
-    return _CALCULATOR.sub("", text).strip()
+SCORE_COLUMNS = {"score": pa.float64(), schema.ERROR: pa.string()}
 
 
 class PerplexityScorer:
-    """Ray Data actor: mean log-probability per token of each candidate under the scoring model."""
+    """Ray Data actor: mean log-probability per token of each candidate under the scoring model
+    (the transformers engine's answer loss, negated)."""
 
     def __init__(self, model: str, cache_dir: str | None, max_length: int = 1024):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from raypost.engines import build_engine
 
-        from raypost.models import resolve_model
-
-        path = resolve_model(model, cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
-        self.max_length = max_length
-        self.torch = torch
+        self.engine = build_engine(model, EngineConfig(backend="transformers", max_model_len=max_length), cache_dir)
 
     def score(self, messages: list[dict[str, str]], text: str) -> float:
-        from raypost.engines.chat import render_prompt
+        from raypost.engines import Request
 
-        torch = self.torch
-        prompt_ids = self.tokenizer(render_prompt(self.tokenizer, messages), add_special_tokens=False)["input_ids"]
-        answer_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not answer_ids:
+        if not text:
             return float("-inf")
-        ids = (prompt_ids + answer_ids)[-self.max_length :]
-        n_answer = min(len(answer_ids), len(ids) - 1)
-        with torch.inference_mode():
-            logits = self.model(torch.tensor([ids])).logits[0, :-1].float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        targets = torch.tensor(ids[1:])
-        token_log_probs = log_probs[torch.arange(len(targets)), targets][-n_answer:]
-        return float(token_log_probs.mean())
+        [(mean_loss, summed)] = self.engine.answer_losses([Request("candidate", messages)], [text])
+        return -mean_loss if summed else float("-inf")  # no answer token fits after the prompt
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from raypost.engines import row_error
+
         rows = batch.to_pylist()
         for row in rows:
             try:
-                row["score"] = self.score(row[schema.MESSAGES], row["text"])
-            except Exception:  # unscorable candidates rank last among equals
-                row["score"] = float("-inf")
-        return rows_table(rows, batch.schema, {"score": pa.float64()})
+                row["score"], row[schema.ERROR] = self.score(row[schema.MESSAGES], row["text"]), None
+            except Exception as error:  # an unscorable candidate ranks last among equals, with its reason
+                row["score"], row[schema.ERROR] = float("-inf"), row_error(error)
+        return rows_table(rows, batch.schema, SCORE_COLUMNS)
 
 
 class JudgeScorer:
@@ -120,11 +76,15 @@ class JudgeScorer:
         rows = batch.to_pylist()
         requests = [Request(f"{r[schema.ID]}:{r['source']}", [{"role": "user", "content": JUDGE_PROMPT.format(
             question=question_text(r[schema.MESSAGES]), answer=r["text"])}]) for r in rows]
-        outputs = self.engine.generate(requests, self.sampling)
-        for row, out in zip(rows, outputs):
+        from raypost.engines import generate_each
+
+        for row, out in zip(rows, generate_each(self.engine, requests, self.sampling)):
+            if isinstance(out, str):  # the judge could not rate it: last among equals, with its reason
+                row["score"], row[schema.ERROR] = float("-inf"), out
+                continue
             found = re.search(r"\d+", out[0].text)
-            row["score"] = float(min(10, int(found.group()))) if found else 0.0
-        return rows_table(rows, batch.schema, {"score": pa.float64()})
+            row["score"], row[schema.ERROR] = (float(min(10, int(found.group()))) if found else 0.0), None
+        return rows_table(rows, batch.schema, SCORE_COLUMNS)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -132,41 +92,22 @@ class JudgeScorer:
             engine.close()
 
 
-def _gather(sources: list[CandidateSource], by_id: dict[str, list[dict[str, Any]]], resources: Resources | None,
+def _gather(sources: list[ResponseSource], by_id: dict[str, list[dict[str, Any]]], resources: Resources | None,
             cache_dir: str | None) -> dict[str, list[dict[str, Any]]]:
-    from raypost import records
-
     candidates: dict[str, list[dict[str, Any]]] = {i: [] for i in by_id}
-
-    def add(i: str, source: str, text: Any) -> None:
-        if i in candidates and isinstance(text, str) and text.strip():
-            candidates[i].append({"source": source, "text": text})
-
     for src in sources:
-        if src.from_ == "reference":
-            for i, rows in by_id.items():
-                if rows[0].get(schema.REFERENCE):
-                    add(i, src.name, clean_reference(rows[0][schema.REFERENCE]))
-        elif src.from_ == "input":
-            for i, rows in by_id.items():
-                for r in rows:
-                    add(i, f"{src.name}#{r.get(schema.SAMPLE_INDEX) or 0}", r.get(schema.RESPONSE))
-        else:
-            directory = src.stage_dir
-            if src.from_ == "generate":
-                from raypost.generation.pipeline import generate
-
-                directory = src.output_dir or f"candidates_{src.name}"
-                generate([{schema.ID: i, schema.MESSAGES: rows[0][schema.MESSAGES],
-                           schema.REFERENCE: rows[0].get(schema.REFERENCE)} for i, rows in by_id.items()],
-                         model=src.model, output_dir=directory, engine=src.engine, sampling=src.sampling,
-                         resources=resources, cache_dir=cache_dir, source=f"select:{src.name}", progress=False)
-            for r in records.read_rows(Path(directory)):
-                add(str(r[schema.ID]), f"{src.name}#{r.get(schema.SAMPLE_INDEX) or 0}", r.get(schema.RESPONSE))
+        found, _ = src.responses(by_id, resources=resources, cache_dir=cache_dir,
+                                 progress=src.from_ == "generate" and f"curate: {src.name} candidates")
+        for i, rows in found.items():
+            for r in rows:
+                text = r.get(schema.RESPONSE)
+                if isinstance(text, str) and text.strip():
+                    label = src.name if src.from_ == "reference" else f"{src.name}#{r.get(schema.SAMPLE_INDEX) or 0}"
+                    candidates[i].append({"source": label, "text": text})
     return candidates
 
 
-def select_responses(dataset, *, candidates: list[CandidateSource], scorer: Literal["perplexity", "judge", "none"] = "perplexity",
+def select_responses(dataset, *, candidates: list[ResponseSource], scorer: Literal["perplexity", "judge", "none"] = "perplexity",
                      scorer_model: str | None = None, scorer_engine: EngineConfig | None = None,
                      verify_kind: Literal["math", "code"] = "math", resources: Resources | None = None,
                      cache_dir: str | None = None, log: CurationLog | None = None):
@@ -203,7 +144,7 @@ def select_responses(dataset, *, candidates: list[CandidateSource], scorer: Lite
     # the verifier first
     for row, checked in zip(flat, verify_rows([dict(r) for r in flat], kind=verify_kind, response_field="text",
                                               reference_field=schema.REFERENCE) if flat else []):
-        row["verified"] = checked.get("verified") if row.get(schema.REFERENCE) else None
+        row[schema.VERIFIED] = checked.get(schema.VERIFIED) if row.get(schema.REFERENCE) else None
     # then the large model
     if flat and scorer != "none":
         if scorer_model is None:
@@ -236,23 +177,23 @@ def select_responses(dataset, *, candidates: list[CandidateSource], scorer: Lite
                 log.reject("select", row, "no candidate response (no reference, teacher or student text)")
             continue
         # verified beats unverified beats unknown is not needed: unknown (no reference) ranks as unverified
-        ranked = sorted(cands, key=lambda c: (bool(c.get("verified")), c["score"] if np.isfinite(c["score"]) else -1e30,
+        ranked = sorted(cands, key=lambda c: (bool(c.get(schema.VERIFIED)), c["score"] if np.isfinite(c["score"]) else -1e30,
                                               c["source"]), reverse=True)
         best, worst = ranked[0], ranked[-1]
-        has_pair = len(ranked) > 1 and (bool(best.get("verified")), best["score"]) != (bool(worst.get("verified")), worst["score"])
+        has_pair = len(ranked) > 1 and (bool(best.get(schema.VERIFIED)), best["score"]) != (bool(worst.get(schema.VERIFIED)), worst["score"])
         pairs += has_pair
         decision[i] = {
-            "best": best["text"], "best_source": best["source"],
-            "worst": worst["text"] if has_pair else None, "worst_source": worst["source"] if has_pair else None,
-            "candidates": [{"source": c["source"], "text": c["text"], "verified": c.get("verified"),
+            schema.BEST: best["text"], schema.BEST_SOURCE: best["source"],
+            schema.WORST: worst["text"] if has_pair else None, schema.WORST_SOURCE: worst["source"] if has_pair else None,
+            schema.CANDIDATES: [{"source": c["source"], "text": c["text"], "verified": c.get(schema.VERIFIED),
                             "score": c["score"] if np.isfinite(c["score"]) else None} for c in ranked],
             "sample": by_id[i][0].get(schema.SAMPLE_INDEX),
         }
 
-    selected = attach_decisions(dataset, decision, SELECT_COLUMNS)
+    selected = attach_decisions(dataset, decision, schema.SELECT_COLUMNS)
     best_sources: dict[str, int] = {}
     for d in decision.values():
-        key = d["best_source"].split("#")[0]
+        key = d[schema.BEST_SOURCE].split("#")[0]
         best_sources[key] = best_sources.get(key, 0) + 1
     log.report("select", {
         "scorer": scorer,
@@ -260,6 +201,8 @@ def select_responses(dataset, *, candidates: list[CandidateSource], scorer: Lite
         "prompts_in": len(by_id),
         "prompts_out": len(decision),
         "candidates": len(flat),
+        "unscored": sum(1 for row in flat if row.get(schema.ERROR)),
+        "unscored_first": next((f"{row[schema.ID]}: {row[schema.ERROR]}" for row in flat if row.get(schema.ERROR)), None),
         "pairs": pairs,
         "best_by_source": best_sources,
         "seconds": round(time.perf_counter() - started, 3),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from raypost import console
 from raypost.curation.config import CurateStage
 from raypost.curation.pipeline import curate, load_rows
 
@@ -22,6 +23,6 @@ def run_curate_stage(stage: CurateStage, context) -> dict[str, Any]:
         cache_dir=context.recipe.cache_dir,
         rejected=unreadable,
     )
-    print(f"curate: {summary['rows_out']} rows out, {summary['rows_rejected']} rejected "
-          f"{summary['rejected_by_step']} -> {summary['output_dir']}", flush=True)
+    console.say(f"curate: {summary['rows_out']} rows out, {summary['rows_rejected']} rejected "
+          f"{summary['rejected_by_step']} -> {summary['output_dir']}")
     return summary

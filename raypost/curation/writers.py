@@ -41,7 +41,7 @@ def _text(value: Any) -> str | None:
 def sft_rows(rows: list[dict[str, Any]], sft_from: str) -> tuple[list[dict[str, Any]], list[tuple[dict, str]]]:
     out, skipped = [], []
     for row in rows:
-        if sft_from == "response" and row.get("verified") is False:
+        if sft_from == "response" and row.get(schema.VERIFIED) is False:
             skipped.append((row, "sft: response failed verification"))
             continue
         text = _text(row.get(sft_from))
@@ -57,24 +57,24 @@ def kto_rows(rows: list[dict[str, Any]], kto_from: str) -> tuple[list[dict[str, 
     for row in rows:
         prompt = row[schema.MESSAGES]
         if kto_from == "select":
-            if _text(row.get("best")):
-                out.append({"id": str(row[schema.ID]), "prompt": prompt, "completion": assistant(row["best"]), "label": True})
-            if _text(row.get("worst")):
-                out.append({"id": str(row[schema.ID]), "prompt": prompt, "completion": assistant(row["worst"]), "label": False})
+            if _text(row.get(schema.BEST)):
+                out.append({"id": str(row[schema.ID]), "prompt": prompt, "completion": assistant(row[schema.BEST]), "label": True})
+            if _text(row.get(schema.WORST)):
+                out.append({"id": str(row[schema.ID]), "prompt": prompt, "completion": assistant(row[schema.WORST]), "label": False})
             continue
         text = _text(row.get(schema.RESPONSE))
-        if text is None or row.get("verified") is None:
+        if text is None or row.get(schema.VERIFIED) is None:
             skipped.append((row, "kto: no response or no verification label"))
             continue
-        out.append({"id": str(row[schema.ID]), "prompt": prompt, "completion": assistant(text), "label": bool(row["verified"])})
+        out.append({"id": str(row[schema.ID]), "prompt": prompt, "completion": assistant(text), "label": bool(row[schema.VERIFIED])})
     return out, skipped
 
 
 def preference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {"id": str(r[schema.ID]), "prompt": r[schema.MESSAGES], "chosen": assistant(r["best"]), "rejected": assistant(r["worst"])}
+        {"id": str(r[schema.ID]), "prompt": r[schema.MESSAGES], "chosen": assistant(r[schema.BEST]), "rejected": assistant(r[schema.WORST])}
         for r in rows
-        if _text(r.get("best")) and _text(r.get("worst"))
+        if _text(r.get(schema.BEST)) and _text(r.get(schema.WORST))
     ]
 
 
@@ -94,15 +94,15 @@ def write_training_sets(dataset, output_dir: str | Path, *, formats: list[Format
     report: dict[str, Any] = {}
     if "sft" in formats:
         source = sft_from if sft_from != "auto" else next(
-            (c for c in ("target", "best", schema.RESPONSE) if c in names), schema.RESPONSE)
+            (c for c in (schema.TARGET, schema.BEST, schema.RESPONSE) if c in names), schema.RESPONSE)
         written, skipped = sft_rows(rows, source)
         for row, reason in skipped:
             log.reject("write", row, reason)
         records.write_part(output_dir / "sft", written, SFT_SCHEMA)
         report["sft"] = {"rows": len(written), "from": source, "skipped": len(skipped), "dir": str(output_dir / "sft")}
     if "kto" in formats:
-        source = kto_from if kto_from != "auto" else ("select" if "best" in names else "verified")
-        if source == "verified" and "verified" not in names:
+        source = kto_from if kto_from != "auto" else ("select" if schema.BEST in names else "verified")
+        if source == "verified" and schema.VERIFIED not in names:
             report["kto"] = {"rows": 0, "from": source, "note": "no `verified` column: add a verify step before write"}
         else:
             written, skipped = kto_rows(rows, source)
@@ -111,7 +111,7 @@ def write_training_sets(dataset, output_dir: str | Path, *, formats: list[Format
                              "undesirable": sum(not r["label"] for r in written), "skipped": len(skipped),
                              "dir": str(output_dir / "kto")}
     if "preference" in formats:
-        if "best" not in names:
+        if schema.BEST not in names:
             report["preference"] = {"rows": 0, "note": "no `best`/`worst` columns: add a select step before write"}
         else:
             written = preference_rows(rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from raypost.config import EngineConfig
-from raypost.engines.base import Completion, Engine, Request, TokenLogprob
+from raypost.engines.base import Completion, Engine, Request, TokenLogprob, generate_each, row_error
 
 
 def pick_backend(config: EngineConfig) -> str:
@@ -43,4 +43,5 @@ def build_engine(model: str, config: EngineConfig, cache_dir: str | None = None,
     return TransformersEngine(str(path), config, model_name=model)
 
 
-__all__ = ["Completion", "Engine", "EngineConfig", "Request", "TokenLogprob", "build_engine", "pick_backend"]
+__all__ = ["Completion", "Engine", "EngineConfig", "Request", "TokenLogprob", "build_engine", "generate_each",
+           "pick_backend", "row_error"]

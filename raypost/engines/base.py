@@ -58,6 +58,29 @@ class Engine(Protocol):
         ...
 
 
+def row_error(error: BaseException) -> str:
+    """A failed row's reason, the same text in every stage's `error` column and `rejected/`."""
+    return f"{type(error).__name__}: {error}"
+
+
+def generate_each(engine: Engine, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Completion] | str]:
+    """`engine.generate`, where one request the engine cannot answer does not cost the others:
+    the batch first, then (if it failed) request by request. A failed request comes back as its
+    reason (`row_error`), in place."""
+    try:
+        return engine.generate(requests, sampling)
+    except Exception as error:
+        if len(requests) == 1:
+            return [row_error(error)]
+    results: list[list[Completion] | str] = []
+    for request in requests:
+        try:
+            results.extend(engine.generate([request], sampling))
+        except Exception as error:  # the row keeps its reason
+            results.append(row_error(error))
+    return results
+
+
 def entropy_from_logits(logits) -> float:
     """Exact Shannon entropy (nats) of softmax(logits) over the full vocabulary."""
     import torch

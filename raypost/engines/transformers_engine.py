@@ -160,8 +160,18 @@ class TransformersEngine:
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.hf_model.eval()
 
+    def next_token_logprobs(self, text: str, token_ids: Sequence[int]) -> list[float]:
+        """Log-probabilities of `token_ids` as the token after raw `text` (multiple-choice letters)."""
+        import torch
+
+        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=True).to(self.device)
+        with torch.inference_mode():
+            logits = self.hf_model(**encoded).logits[0, -1].float()
+        return torch.log_softmax(logits, dim=-1)[list(token_ids)].tolist()
+
     def answer_losses(self, requests: Sequence[Request], answers: Sequence[str]) -> list[tuple[float, float]]:
-        """(mean, summed) token loss of each given answer as the assistant's turn after the prompt."""
+        """(mean, summed) token loss of each given answer as the assistant's turn after the prompt
+        (the closed loop's uncertainty, selection's perplexity)."""
         import torch
 
         out = []

@@ -47,41 +47,66 @@ def vllm_engine_kwargs(config: EngineConfig, tensor_parallel_size: int = 1) -> d
     return kwargs
 
 
+# Top-k kept when only first-token entropy is asked: the estimate needs some tail mass.
+ENTROPY_TOP_K = 20
+
+
+def vllm_sampling_kwargs(sampling: SamplingConfig, *, n: int, seed: int | None) -> dict[str, Any]:
+    """vLLM SamplingParams fields for `sampling`: for the in-process engine (n samples at once)
+    and for the Ray Data stage (one row per sample, each with its own seed)."""
+    logprobs = sampling.logprobs
+    if sampling.first_token_entropy:
+        logprobs = max(logprobs or 0, ENTROPY_TOP_K)
+    params: dict[str, Any] = {"n": n, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                              "max_tokens": sampling.max_tokens}
+    if seed is not None:
+        params["seed"] = seed
+    if sampling.stop:
+        params["stop"] = list(sampling.stop)
+    if logprobs is not None:
+        params["logprobs"] = logprobs
+    return params
+
+
 def to_vllm_sampling(sampling: SamplingConfig):
     from vllm import SamplingParams
 
-    logprobs = sampling.logprobs
-    if sampling.first_token_entropy:
-        logprobs = max(logprobs or 0, 20)
-    return SamplingParams(
-        n=sampling.n,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        max_tokens=sampling.max_tokens,
-        seed=sampling.seed,
-        stop=sampling.stop or None,
-        logprobs=logprobs,
-    )
+    return SamplingParams(**vllm_sampling_kwargs(sampling, n=sampling.n, seed=sampling.seed))
+
+
+def _logprob_entries(step: Any) -> list[tuple[float, str, int]]:
+    """(logprob, decoded token, token id) of one step, best first: from vLLM's {token_id: Logprob}
+    in process, or the {token_id: {"logprob", "decoded_token"}} dicts that ray.data.llm rows carry."""
+    if not isinstance(step, dict):
+        return []
+    entries = []
+    for token_id, info in step.items():
+        if info is None:
+            continue
+        if isinstance(info, dict):
+            entries.append((float(info["logprob"]), info.get("decoded_token") or "", int(token_id)))
+        else:
+            entries.append((float(info.logprob), info.decoded_token or "", int(token_id)))
+    return sorted(entries, key=lambda entry: entry[0], reverse=True)
 
 
 def convert_vllm_logprobs(step_logprobs, token_ids, keep_top: int | None) -> tuple[list[TokenLogprob], float | None]:
-    """vLLM's per-step {token_id: Logprob} dicts to our records, and first-token entropy."""
+    """vLLM's per-step logprobs to our records (the chosen token and the top `keep_top`), and
+    the first token's entropy."""
     records: list[TokenLogprob] = []
     first_entropy = None
-    for position, (token_id, step) in enumerate(zip(token_ids, step_logprobs or [])):
+    # ray.data.llm rows hold numpy arrays, whose truth value is an error
+    token_ids = [] if token_ids is None else list(token_ids)
+    for position, step in enumerate([] if step_logprobs is None else step_logprobs):
         if step is None:
             continue
-        ranked = sorted(step.values(), key=lambda lp: lp.logprob, reverse=True)
+        ranked = _logprob_entries(step)
         if position == 0:
-            first_entropy = entropy_from_top_logprobs([lp.logprob for lp in ranked])
-        chosen = step.get(token_id)
-        records.append(
-            TokenLogprob(
-                token=(chosen.decoded_token if chosen else "") or "",
-                logprob=float(chosen.logprob) if chosen else float("nan"),
-                top=[(lp.decoded_token or "", float(lp.logprob)) for lp in ranked[: keep_top or 0]],
-            )
-        )
+            first_entropy = entropy_from_top_logprobs([lp for lp, _, _ in ranked])
+        token_id = token_ids[position] if position < len(token_ids) else None
+        chosen = next(((lp, tok) for lp, tok, tid in ranked if tid == token_id), (float("nan"), ""))
+        records.append(TokenLogprob(token=chosen[1], logprob=chosen[0],
+                                    top=[(tok, lp) for lp, tok, _ in ranked[: keep_top or 0]]))
     return records, first_entropy
 
 

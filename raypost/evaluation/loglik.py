@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from raypost.engines.base import row_error
 from raypost.evaluation.loaders import LETTERS
 
 
@@ -30,21 +31,14 @@ class LoglikScorer:
     `letter_logprobs` (JSON) out."""
 
     def __init__(self, model_path: str, dtype: str = "auto"):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from raypost.config import EngineConfig
+        from raypost.engines.transformers_engine import TransformersEngine
 
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, "auto")
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
-        self.letter_ids = letter_token_ids(self.tokenizer)
+        self.engine = TransformersEngine(model_path, EngineConfig(backend="transformers", dtype=dtype))
+        self.letter_ids = letter_token_ids(self.engine.tokenizer)
 
     def score(self, text: str) -> tuple[str, list[float]]:
-        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=True).to(self.device)
-        with self.torch.inference_mode():
-            logits = self.model(**encoded).logits[0, -1].float()
-        log_probs = self.torch.log_softmax(logits, dim=-1)[self.letter_ids].tolist()
+        log_probs = self.engine.next_token_logprobs(text, self.letter_ids)
         return LETTERS[int(np.argmax(log_probs))], log_probs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -59,7 +53,7 @@ class LoglikScorer:
             except Exception as error:  # one bad question is reported, not fatal
                 responses.append(None)
                 logprobs.append(None)
-                errors.append(f"{type(error).__name__}: {error}")
+                errors.append(row_error(error))
         return {"id": ids, "response": responses, "letter_logprobs": logprobs, "error": errors}
 
 

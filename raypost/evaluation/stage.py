@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from raypost import console
 from raypost.evaluation.compare import compare
 from raypost.evaluation.config import EvalStage
 from raypost.evaluation.harness import EvalSummary, evaluate
@@ -69,16 +70,16 @@ def run_eval_stage(stage: EvalStage, context) -> dict[str, Any]:
                 timeout_s=spec.timeout_s,
                 model_label=label,
             )
-            print(summary.line(), flush=True)
+            console.say(summary.line())
             summaries[label][spec.name] = summary
     table = results_table(summaries)
     (stage_dir / "results.md").write_text(table)
-    print(table, flush=True)
+    console.say(table)
     labels = list(summaries)
     for other in labels[1:]:
         text = compare(stage_dir / labels[0], stage_dir / other)
         (stage_dir / f"compare-{labels[0]}-vs-{other}.md").write_text(text)
-        print(text, flush=True)
+        console.say(text)
     return {
         "results": str(stage_dir / "results.md"),
         "runs": {label: {b: s.as_dict() for b, s in per.items()} for label, per in summaries.items()},

@@ -85,20 +85,11 @@ class EngineActor:
         return [results[(r[schema.ID], int(r[schema.SAMPLE_INDEX]))] for r in rows]
 
     def _generate(self, rows, sampling):
+        from raypost.engines import generate_each
+
         requests = [Request(r[schema.ID], r[schema.MESSAGES], r.get(schema.REFERENCE)) for r in rows]
-        try:
-            outputs = self.engine.generate(requests, sampling)
-            return [(row, out[0], None) for row, out in zip(rows, outputs)]
-        except Exception as error:
-            if len(rows) == 1:
-                return [(rows[0], None, f"{type(error).__name__}: {error}")]
-        results = []
-        for row, request in zip(rows, requests):
-            try:
-                results.append((row, self.engine.generate([request], sampling)[0][0], None))
-            except Exception as error:  # the row is set aside with its reason
-                results.append((row, None, f"{type(error).__name__}: {error}"))
-        return results
+        outputs = generate_each(self.engine, requests, sampling)
+        return [(row, None, out) if isinstance(out, str) else (row, out[0], None) for row, out in zip(rows, outputs)]
 
     def __del__(self):
         engine = getattr(self, "engine", None)

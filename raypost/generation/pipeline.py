@@ -13,7 +13,6 @@ once. Bad rows go to `<output_dir>/rejected/` with their location and reason.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,7 +88,7 @@ def generate(
     cache_dir: str | None = None,
     rejected: Sequence[records.Rejected] = (),
     source: str = "prompts",
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> GenerationSummary:
     """Generate `sampling.n` responses per prompt row (prompt schema, already in memory) into
     `output_dir`. `rejected` carries rows an earlier step already set aside, so they are stored
@@ -131,7 +130,7 @@ def generate_files(
     resources: Resources | None = None,
     cache_dir: str | None = None,
     limit: int | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> GenerationSummary:
     """Generate from prompt files (paths, globs, directories or URIs) read by Ray Data on the
     workers. Bad inputs (a missing path, a pattern that matches nothing, an uninstalled
@@ -196,7 +195,7 @@ def _repeated_hashes(*tables: pa.Table) -> list[int]:
 
 def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, engine: EngineConfig,
          sampling: SamplingConfig | None, resources: Resources | None, cache_dir: str | None, source: str,
-         progress: bool, started: float, total: int | None) -> GenerationSummary:
+         progress: bool | str, started: float, total: int | None) -> GenerationSummary:
     started_wall = time.time() - (time.perf_counter() - started)
     import ray
 
@@ -295,28 +294,30 @@ def _finish(summary: GenerationSummary, started: float, started_wall: float) -> 
     return summary
 
 
-def _drain(stats, total: int | None, summary: GenerationSummary, progress: bool, started: float) -> None:
-    """Counts from the workers, one small row per committed part: the rows themselves stay there."""
-    from tqdm import tqdm
+def _drain(stats, total: int | None, summary: GenerationSummary, progress: bool | str, started: float) -> None:
+    """Counts from the workers, one small row per committed part: the rows themselves stay there.
+    `progress`: False, True (a bar labelled `generate`) or the bar's label."""
+    from raypost import console
 
-    bar = tqdm(total=total, desc="generate", unit="row", disable=not progress, file=sys.stderr)
+    label = progress if isinstance(progress, str) else "generate"
+
+    done = 0
     first_batch_at = None
     tokens_after_first = 0
-    try:
-        for part in stats.iter_rows():
-            summary.rows_written += part["rows"]
-            summary.prompt_tokens += part["prompt_tokens"]
-            summary.completion_tokens += part["completion_tokens"]
-            now = time.perf_counter()
-            if first_batch_at is None:
-                first_batch_at = now
-                summary.startup_seconds = now - started
-            else:
-                tokens_after_first += part["completion_tokens"]
-                if now - first_batch_at >= MIN_STEADY_SECONDS:
-                    summary.steady_tokens_per_second = tokens_after_first / (now - first_batch_at)
-            summary.tokens_per_second = summary.completion_tokens / max(now - started, 1e-9)
-            bar.update(part["rows"] + part["rejected"])
-            bar.set_postfix(tok_s=f"{summary.tokens_per_second:.0f}", rejected=part["rejected"])
-    finally:
-        bar.close()
+    for part in stats.iter_rows():
+        summary.rows_written += part["rows"]
+        summary.prompt_tokens += part["prompt_tokens"]
+        summary.completion_tokens += part["completion_tokens"]
+        now = time.perf_counter()
+        if first_batch_at is None:
+            first_batch_at = now
+            summary.startup_seconds = now - started
+        else:
+            tokens_after_first += part["completion_tokens"]
+            if now - first_batch_at >= MIN_STEADY_SECONDS:
+                summary.steady_tokens_per_second = tokens_after_first / (now - first_batch_at)
+        summary.tokens_per_second = summary.completion_tokens / max(now - started, 1e-9)
+        done += part["rows"] + part["rejected"]
+        if progress:
+            console.progress(label, done, total, f"{summary.tokens_per_second:.0f} tok/s")
+    console.progress_end(label)

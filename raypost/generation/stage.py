@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from raypost import console
 from raypost import records
 from raypost.generation.config import GenerateStage, InputConfig
 from raypost.generation.pipeline import generate_files
@@ -38,5 +39,5 @@ def run_generate_stage(stage: GenerateStage, context) -> dict[str, Any]:
         cache_dir=context.recipe.cache_dir,
         limit=stage.input.limit,
     )
-    print(summary.line(), flush=True)
+    console.say(summary.line())
     return summary.as_dict()

@@ -12,32 +12,8 @@ from typing import Any
 
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
-from raypost.engines.base import entropy_from_top_logprobs
-from raypost.engines.vllm_engine import vllm_engine_kwargs, vllm_env
+from raypost.engines.vllm_engine import convert_vllm_logprobs, vllm_engine_kwargs, vllm_env, vllm_sampling_kwargs
 from raypost.generation.batches import LIGHT_CPUS
-
-# Top-k kept when only first-token entropy is asked: the estimate needs some tail mass.
-ENTROPY_TOP_K = 20
-
-
-def vllm_sampling_params(sampling: SamplingConfig, sample_index: int) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "n": 1,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_tokens": sampling.max_tokens,
-    }
-    if sampling.seed is not None:
-        params["seed"] = sampling.seed + sample_index
-    if sampling.stop:
-        params["stop"] = list(sampling.stop)
-    logprobs = sampling.logprobs
-    if sampling.first_token_entropy:
-        logprobs = max(logprobs or 0, ENTROPY_TOP_K)
-    if logprobs is not None:
-        params["logprobs"] = logprobs
-    return params
-
 
 def processor_config(model_path: Path, engine: EngineConfig, resources: Resources):
     from ray.data.llm import vLLMEngineProcessorConfig
@@ -75,23 +51,9 @@ def _to_record(row: dict[str, Any], sampling: SamplingConfig, model_label: str) 
     logprob_steps = row.get("logprobs")
     records_, entropy = None, None
     if logprob_steps is not None and len(logprob_steps) and not error:
-        generated = list(row.get("generated_tokens") or [])
-        records_ = []
-        for position, step in enumerate(logprob_steps):
-            ranked = sorted(
-                ((info["logprob"], info.get("decoded_token") or "", int(token_id))
-                 for token_id, info in _items(step)),
-                reverse=True,
-            )
-            if position == 0:
-                entropy = entropy_from_top_logprobs([lp for lp, _, _ in ranked])
-            token_id = generated[position] if position < len(generated) else None
-            chosen = next(((lp, tok) for lp, tok, tid in ranked if tid == token_id), (float("nan"), ""))
-            records_.append({
-                "token": chosen[1],
-                "logprob": float(chosen[0]),
-                "top": [{"token": tok, "logprob": float(lp)} for lp, tok, _ in ranked[: sampling.logprobs or 0]],
-            })
+        converted, entropy = convert_vllm_logprobs(logprob_steps, row.get("generated_tokens"), sampling.logprobs)
+        records_ = [{"token": t.token, "logprob": t.logprob, "top": [{"token": tok, "logprob": lp} for tok, lp in t.top]}
+                    for t in converted]
     completion_tokens = int(row.get("num_generated_tokens") or 0)
     return {
         schema.ID: row[schema.ID],
@@ -111,12 +73,6 @@ def _to_record(row: dict[str, Any], sampling: SamplingConfig, model_label: str) 
     }
 
 
-def _items(step: Any):
-    if isinstance(step, dict):
-        return [(k, v) for k, v in step.items() if v is not None]
-    return []
-
-
 def vllm_generation_stage(dataset, model_path: Path, model_label: str, engine: EngineConfig,
                           sampling: SamplingConfig, resources: Resources):
     """Rows with id/messages/prompt/reference/sample_index in, generation-schema rows (+ error) out."""
@@ -125,7 +81,9 @@ def vllm_generation_stage(dataset, model_path: Path, model_label: str, engine: E
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         return {
             **row,
-            "sampling_params": vllm_sampling_params(sampling, int(row[schema.SAMPLE_INDEX])),
+            # one row per sample: n=1, each sample its own seed
+            "sampling_params": vllm_sampling_kwargs(
+                sampling, n=1, seed=None if sampling.seed is None else sampling.seed + int(row[schema.SAMPLE_INDEX])),
         }
 
     # rows carry `prompt`, rendered on the workers with the model's chat template (batches.check_context)

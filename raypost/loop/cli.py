@@ -12,6 +12,8 @@ def register(sub) -> None:
     loop.add_argument("recipe", help="loop recipe YAML, or `report`")
     loop.add_argument("rest", nargs="*", metavar="a.b=value | RUN_DIR", help="overrides (or run dirs after `report`)")
     loop.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    loop.add_argument("--verbose", action="store_true",
+                        help="show Ray, vLLM, Transformers and TRL output live (default: in <output_dir>/logs/driver.log)")
     loop.add_argument("-o", "--output", default="runs/loop-report", help="report: output directory")
     loop.set_defaults(handler=_loop)
     sipf = sub.add_parser("sipf", help="run (or resume) a loop recipe in mode sipf (self-iterative process feedback)",
@@ -19,6 +21,8 @@ def register(sub) -> None:
     sipf.add_argument("recipe", help="loop recipe YAML (loop.mode: sipf)")
     sipf.add_argument("rest", nargs="*", metavar="a.b=value", help="overrides")
     sipf.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    sipf.add_argument("--verbose", action="store_true",
+                        help="show Ray, vLLM, Transformers and TRL output live (default: in <output_dir>/logs/driver.log)")
     sipf.set_defaults(handler=_sipf)
 
 
@@ -40,7 +44,8 @@ def _sipf(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, require_mode: str | None = None) -> int:
-    from raypost.config import RecipeError, load_recipe
+    from raypost.config import RecipeError
+    from raypost.recipe import load_recipe
     from raypost.loop.config import LoopRecipe
     from raypost.loop.controller import run_loop
 
@@ -48,5 +53,11 @@ def _run(args: argparse.Namespace, require_mode: str | None = None) -> int:
     if require_mode is not None and recipe.loop.mode != require_mode:
         raise RecipeError(f"{args.recipe}: loop.mode is {recipe.loop.mode!r}: run it with `raypost loop`, "
                           f"or set loop.mode: {require_mode}")
-    run_loop(recipe, args.address)
+    from raypost import console
+
+    log = recipe.resolved_output_dir() / "logs" / "driver.log"
+    with console.quiet(log, args.verbose):
+        if console.quiet_now():
+            console.say(f"logs: {log} (--verbose to show them here)")
+        run_loop(recipe, args.address)
     return 0

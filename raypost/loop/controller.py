@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raypost import console
 from raypost import records
 from raypost.config import RecipeError, SamplingConfig
 from raypost.engines.base import Completion, Request
@@ -95,20 +96,20 @@ def _load_items(path: str, question_field: str, answer_field: str | None, group_
                       "group": None if group_by is None or row.get(group_by) is None else str(row[group_by])})
     if rejected and rejected_to is not None:
         _write_jsonl(rejected_to, rejected)
-        print(f"loop: {len(rejected)} row(s) of {path} set aside in {rejected_to}; first: "
-              f"{rejected[0]['source']}: {rejected[0]['reason']}", flush=True)
+        console.say(f"loop: {len(rejected)} row(s) of {path} set aside in {rejected_to}; first: "
+              f"{rejected[0]['source']}: {rejected[0]['reason']}")
     if not items:
         raise DataError(f"{path}: no usable rows ({len(rejected)} rejected)")
     return items
 
 
 class LoopController:
-    def __init__(self, recipe: LoopRecipe, address: str | None = None, log=print):
+    def __init__(self, recipe: LoopRecipe, address: str | None = None, log=console.say):
         self.recipe = recipe
         self.config = recipe.loop
         self.run_dir = recipe.resolved_output_dir().resolve()
         self.address = address
-        self.log = lambda text: log(text, flush=True)
+        self.log = lambda text: log(text)
         self.student = self.teacher = None
         self.loaded_model: str | None = None
         self.base_model: str | None = None

@@ -39,16 +39,9 @@ class EngineActor:
     def generate(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Completion] | str]:
         """Completions per request; a request the engine cannot answer is its error message (a
         failed row), the others still come back."""
-        try:
-            return self.engine.generate(requests, sampling)
-        except Exception:   # one bad row must not cost the batch: retry row by row
-            results: list[list[Completion] | str] = []
-            for request in requests:
-                try:
-                    results.extend(self.engine.generate([request], sampling))
-                except Exception as error:   # noqa: BLE001 - the row's reason is kept
-                    results.append(f"{type(error).__name__}: {error}")
-            return results
+        from raypost.engines import generate_each
+
+        return generate_each(self.engine, requests, sampling)
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int:
         """Prompt tokens with the student's tokenizer (for budget checks before a request is sent)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from raypost.merging import methods
+from raypost.merging.config import check_merge_arguments
 from raypost.merging.checkpoint import (
     Checkpoint,
     MergeError,
@@ -63,31 +64,6 @@ class MergeSummary:
         return (f"merge[{self.method}]: {len(self.models) + (self.base_model is not None)} checkpoints -> {self.output_dir} "
                 f"({self.tensors_merged} tensors merged, {self.output_bytes / 1e6:.1f} MB, {self.seconds:.1f}s, "
                 f"peak RSS {self.peak_rss_mb:.0f} MB)")
-
-
-def check_merge_arguments(method: str, n_models: int, weights: list[float] | None, has_base: bool,
-                          t: float, density: float) -> None:
-    """Argument errors shared by the Python API and the recipe stage (raises ValueError)."""
-    if method not in methods.METHODS:
-        raise ValueError(f"method: unknown merge method {method!r}; choose one of {', '.join(methods.METHODS)}")
-    if weights is not None and len(weights) != n_models:
-        raise ValueError(f"weights: {len(weights)} weights for {n_models} models; give one weight per model")
-    if method == "linear" and has_base:
-        raise ValueError("base_model: linear merging has no base model; list every model to average in models")
-    if method == "slerp" and weights is not None:
-        raise ValueError("weights: slerp takes t (0 = base_model or the first model, 1 = the other), not weights")
-    if method in methods.NEEDS_BASE and not has_base:
-        raise ValueError(f"base_model: method {method!r} merges task vectors (model - base) and needs base_model")
-    if method == "linear" and n_models < 2:
-        raise ValueError("models: linear merging needs two or more models")
-    if method == "slerp" and n_models not in ((1, 2) if has_base else (2,)):
-        raise ValueError("models: slerp interpolates between exactly two models")
-    if method in methods.NEEDS_BASE and n_models < 1:
-        raise ValueError(f"models: {method} needs at least one model besides base_model")
-    if not 0 <= t <= 1:
-        raise ValueError(f"t: must be within [0, 1] (got {t})")
-    if not 0 < density <= 1:
-        raise ValueError(f"density: must be within (0, 1] (got {density})")
 
 
 def tensor_seed(seed: int, name: str) -> int:

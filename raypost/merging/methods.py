@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
+from raypost.merging.config import METHODS, NEEDS_BASE  # noqa: F401  (the methods' names live with the config)
 
 # mergekit's constants: above this cosine the tensors are treated as colinear (lerp instead of
 # slerp); norms below SLERP_EPS count as zero; L1 norms below RESCALE_EPS are not rescaled.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from raypost import console
 from raypost.merging.config import MergeStage
 from raypost.merging.merge import merge_checkpoints
 
@@ -20,5 +21,5 @@ def run_merge_stage(stage: MergeStage, context) -> dict[str, Any]:
                      dtype=stage.dtype)
     summary = merge_checkpoints(models, output, max_shard_size=stage.max_shard_size,
                                 cache_dir=context.recipe.cache_dir, overwrite=True, **arguments)
-    print(summary.line(), flush=True)
+    console.say(summary.line())
     return summary.as_dict()

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raypost.config import RecipeError, read_yaml
+from raypost.config import RecipeError
+
+from raypost.recipe import read_yaml
 from raypost.serving.config import ServeConfig, ServedModel, load_serve_config, model_name_for, parse_serve_config
 
 # Stage kinds whose output directory holds an exported checkpoint in `<stage dir>/model`.
@@ -77,7 +79,7 @@ def resolve_references(config: ServeConfig, recipe_path: str | None) -> ServeCon
         return config
     if recipe_path is None:
         raise RecipeError(f"model {needs_recipe[0].model!r} needs a recipe: add `recipe: PATH` to the serve YAML")
-    from raypost.config import load_recipe
+    from raypost.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     models = []
@@ -104,7 +106,7 @@ def config_from_sources(args: argparse.Namespace) -> ServeConfig:
         if path.suffix in (".yaml", ".yml") and path.is_file():
             data = read_yaml(path)
             if "stages" in data:
-                from raypost.config import load_recipe
+                from raypost.recipe import load_recipe
 
                 recipe = load_recipe(path)
                 found = recipe_models(recipe)

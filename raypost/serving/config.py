@@ -16,7 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from raypost.config import RecipeError, StrictModel, format_validation_error, read_yaml
+from raypost.config import RecipeError, StrictModel
+
+from raypost.recipe import format_validation_error, read_yaml
 
 APP_IMPORT_PATH = "raypost.serving.app:build_app"
 # ServeConfig fields that belong to the Serve instance (proxy, HTTP), not to the application.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from raypost import console
 from raypost import records, schema
 from raypost.tasks.cli import synth_items
 from raypost.tasks.config import SynthStage
@@ -33,6 +34,6 @@ def run_synth_stage(stage: SynthStage, context) -> dict[str, Any]:
     arith.write_jsonl(items, out / "pool.jsonl")
     records.write_part(out, [prompt_row(i, stage.system_prompt) for i in items], schema.PROMPT_SCHEMA)
     levels = dict(sorted(Counter(i.level for i in items).items()))
-    print(f"synth {stage.family}: {len(items)} problems (levels {levels}) -> {out}", flush=True)
+    console.say(f"synth {stage.family}: {len(items)} problems (levels {levels}) -> {out}")
     return {"family": stage.family, "items": len(items), "levels": levels, "seed": stage.seed,
             "output_dir": str(out)}

@@ -108,9 +108,12 @@ class RayTrainReportCallback(TrainerCallback):
         metrics["epoch"] = float(state.epoch or 0.0)
         self.last_metrics = metrics
         if self.show_progress and ray.train.get_context().get_world_rank() == 0 and "loss" in metrics:
-            print(f"[train] step {state.global_step}/{state.max_steps} loss {metrics['loss']:.4f} "
-                  f"lr {metrics.get('learning_rate', 0):.2e}" + (f" tok/s {metrics['tokens_per_s']:.0f}" if "tokens_per_s" in metrics else ""),
-                  flush=True)
+            from raypost import console
+
+            detail = f"loss {metrics['loss']:.4f} lr {metrics.get('learning_rate', 0):.2e}"
+            if "tokens_per_s" in metrics:
+                detail += f" {metrics['tokens_per_s']:.0f} tok/s"
+            console.worker_progress("train", state.global_step, state.max_steps, detail)
 
     def on_save(self, args, state, control, **kwargs):
         import ray.train

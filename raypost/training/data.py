@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raypost import console
 from raypost.records import DataError, Rejected, iter_source_rows
 
 REQUIRED_COLUMNS: dict[str, list[tuple[str, ...]]] = {
@@ -120,5 +121,5 @@ def load_training_rows(path: str | Path, method: str) -> TrainingRows:
     if method == "kto" and len({row["label"] for row in result.rows}) < 2:
         # TRL's KTO runs with one class, but the paper's loss then degenerates; say so early
         only = result.rows[0]["label"]
-        print(f"warning: {p}: every KTO label is {only}; KTO learns most with both desirable and undesirable rows")
+        console.say(f"warning: {p}: every KTO label is {only}; KTO learns most with both desirable and undesirable rows")
     return result

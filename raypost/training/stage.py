@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from raypost import console
 from raypost.config import RecipeError
 from raypost.training.config import TrainStage
 from raypost.training.train import train
@@ -33,7 +34,7 @@ def run_train_stage(stage: TrainStage, context) -> dict[str, Any]:
         output_dir=context.stage_dir(stage.name),
         cache_dir=context.recipe.cache_dir,
     )
-    print(result.line(), flush=True)
+    console.say(result.line())
     summary = result.as_dict()
     summary.pop("history")
     return summary

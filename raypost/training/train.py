@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raypost import console
 from raypost import records
 from raypost.errors import StageError
 from raypost.training.allocator import allocator_env
@@ -136,7 +137,7 @@ def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: s
     output_dir.mkdir(parents=True, exist_ok=True)
     if data.rejected:
         records.write_rejected(output_dir / "rejected", data.rejected)
-        print(f"train: {len(data.rejected)} row(s) set aside in {output_dir / 'rejected'}; "
+        console.say(f"train: {len(data.rejected)} row(s) set aside in {output_dir / 'rejected'}; "
               f"first: {data.rejected[0].source}: {data.rejected[0].reason}")
     if config.tracking.backend != "none" and config.tracking.dir is None:
         config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"dir": str(output_dir / "tracking")})})

@@ -123,7 +123,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # raypost prints one progress line per log instead of the raw dicts
         trainer.remove_callback(PrinterCallback)
         if rank == 0 and resume_dir:
-            print(f"[train] resuming from {resume_dir}", flush=True)
+            from raypost import console
+
+            console.worker_say(f"train: resuming from {resume_dir}")
         output = trainer.train(resume_from_checkpoint=resume_dir)
 
         export_dir = scratch / "export"

@@ -6,6 +6,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+from raypost import schema
 from raypost.verify.code import (build_program, describe, extract_code, humaneval_program,
                                  mbpp_program, verify_code)
 from raypost.verify.math_answer import (answers_match, extract_answer, normalize_number,
@@ -54,4 +55,4 @@ def verify_rows(rows: list[dict], kind: Literal["math", "code"], response_field:
             outcomes = list(pool.map(one, rows))
     else:
         outcomes = [one(row) for row in rows]
-    return [{**row, "verified": ok, "verify_reason": reason} for row, (ok, reason) in zip(rows, outcomes)]
+    return [{**row, schema.VERIFIED: ok, schema.VERIFY_REASON: reason} for row, (ok, reason) in zip(rows, outcomes)]
