@@ -302,8 +302,7 @@ def test_end_to_end_tiny_model_writes_every_output(tmp_path, ray_local, tiny_mod
 def test_eval_stage_in_a_recipe_writes_runs_and_the_table(tmp_path, ray_local, capsys):
     import yaml
 
-    from raypost.recipe import load_recipe
-    from raypost.recipe import run_recipe
+    from raypost.recipe import load_recipe, run_recipe
 
     recipe_path = tmp_path / "eval.yaml"
     recipe_path.write_text(yaml.safe_dump({
@@ -320,6 +319,31 @@ def test_eval_stage_in_a_recipe_writes_runs_and_the_table(tmp_path, ray_local, c
     out = capsys.readouterr().out
     assert "| gsm8k | pass@1 | 100.00 | 100.00 |" in out
     assert (stage_dir / "compare-student-vs-other.md").is_file()
+
+
+def test_a_benchmark_file_that_is_not_here_stops_the_stage_before_any_model_saying_where_to_get_it(
+        tmp_path, monkeypatch):
+    """As in a fresh clone without ../shared: the recipe names MBPP, which the repo does not ship."""
+    import yaml
+
+    from raypost.evaluation import benchmarks
+    from raypost.recipe import load_recipe, run_recipe
+    from raypost.records import DataError
+
+    monkeypatch.setattr(benchmarks, "REPO", tmp_path / "clone")   # its data/ and ../shared/data: empty
+    monkeypatch.delenv("RAYPOST_EVAL_DATA", raising=False)
+    recipe_path = tmp_path / "eval.yaml"
+    recipe_path.write_text(yaml.safe_dump({
+        "name": "evaltest", "output_dir": str(tmp_path / "runs"), "models": {"student": "no-such-model"},
+        "stages": [{"kind": "eval", "name": "eval", "models": ["student"], "engine": {"backend": "transformers"},
+                    "benchmarks": [{"name": "mbpp", "limit": 2}]}],
+    }))
+    with pytest.raises(DataError) as error:
+        run_recipe(load_recipe(recipe_path))
+    message = str(error.value)
+    assert message.startswith("mbpp: no data_path given and no mbpp/sanitized-mbpp.json under ")
+    assert "github.com/google-research/google-research" in message and "RAYPOST_EVAL_DATA" in message
+    assert str(tmp_path / "clone" / "data" / "mbpp" / "sanitized-mbpp.json") in message
 
 
 def test_code_scoring_passes_reference_and_names_failures(shared_data):

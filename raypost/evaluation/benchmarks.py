@@ -65,13 +65,26 @@ class Benchmark:
     notes: list[str] = field(default_factory=list)
 
 
+# Where the standard files come from, for a default file that is not here.
+DATA_SOURCES = {
+    "gsm8k": "github.com/openai/grade-school-math (grade_school_math/data/test.jsonl)",
+    "mbpp": "github.com/google-research/google-research (mbpp/sanitized-mbpp.json)",
+    "humaneval": "github.com/openai/human-eval (data/HumanEval.jsonl.gz)",
+    "mmlu_math": "people.eecs.berkeley.edu/~hendrycks/data.tar (the dev/ and test/ CSV folders)",
+}
+
+
 def default_data_path(benchmark: Benchmark) -> Path:
     for root in data_roots():
         candidate = root / benchmark.default_data
         if candidate.exists():
             return candidate
-    raise DataError(f"{benchmark.name}: no data file given and {benchmark.default_data} is not under "
-                    f"{', '.join(str(r) for r in data_roots())}; pass data_path")
+    source = DATA_SOURCES.get(benchmark.name)
+    raise DataError(f"{benchmark.name}: no data_path given and no {benchmark.default_data} under "
+                    f"{', '.join(str(r) for r in data_roots())}. The repo does not ship it"
+                    + (f" (get it from {source})" if source else "")
+                    + f": put it at {REPO / 'data' / benchmark.default_data}, set RAYPOST_EVAL_DATA to the "
+                      f"folder that holds {benchmark.default_data}, or set data_path in the benchmark")
 
 
 def _shots_count(options: BenchmarkOptions, benchmark_default: int) -> int:

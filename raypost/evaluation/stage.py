@@ -42,8 +42,13 @@ def results_table(summaries: dict[str, dict[str, EvalSummary]]) -> str:
 
 
 def run_eval_stage(stage: EvalStage, context) -> dict[str, Any]:
+    from raypost.evaluation.benchmarks import default_data_path, get_benchmark
+
     stage_dir: Path = context.stage_dir(stage.name)
     summaries: dict[str, dict[str, EvalSummary]] = {}
+    for spec in stage.benchmark_specs():  # a missing default file stops the stage before any model loads
+        if not spec.data_path:
+            default_data_path(get_benchmark(spec.name))
     for entry in stage.models:
         reference, label = model_reference(entry, context)
         summaries[label] = {}
