@@ -24,8 +24,10 @@ from typing import TextIO
 
 TAG = "[raypost] "
 PROGRESS_TAG = "[raypost:progress] "
-# without a terminal (CI, `| tee`, a job log) a bar prints at these fractions only
+# without a terminal (CI, `| tee`, a job log) a bar prints at these fractions only, or (when
+# its total is not known) once a minute
 PLAIN_STEPS = (0.25, 0.5, 0.75, 1.0)
+PLAIN_INTERVAL_S = 60.0
 
 
 class _State:
@@ -96,6 +98,12 @@ def progress(label: str, done: int, total: int | None, detail: str = "") -> None
         out.flush()
         return
     if fraction is None:
+        now = time.monotonic()
+        first = _State.last_drawn.setdefault(label, now)
+        if now - first >= PLAIN_INTERVAL_S:
+            _State.last_drawn[label] = now
+            out.write(text + "\n")
+            out.flush()
         return
     step = sum(1 for s in PLAIN_STEPS if fraction >= s)
     if step > _State.plain_done.get(label, 0):

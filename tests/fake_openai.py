@@ -1,6 +1,7 @@
 """A minimal OpenAI-compatible endpoint on a real local HTTP server (tests/conftest.py serves it
 as the `fake_openai` fixture): flaky prompts fail once with 429/503, `always-broken` ones always
-with 500, the rest are echoed with logprobs."""
+with 500, everything with 503 while `FakeOpenAI.down`; the rest are echoed ("echo PROMPT #i")
+with logprobs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     """A minimal OpenAI-compatible endpoint: fails the first request of each prompt with 429/503."""
 
     failures: dict[str, int] = {}
+    down = False          # True: every request gets 503 (an outage)
+    served = 0            # requests answered with 200
     lock = threading.Lock()
     seen_auth: list[str] = []
 
@@ -27,6 +30,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         with self.lock:
             count = self.failures.get(content, 0)
             self.failures[content] = count + 1
+        if self.down:
+            return self._send(503, {"error": {"message": "service unavailable"}})
         if "always-broken" in content:
             return self._send(500, {"error": {"message": "boom"}})
         if count == 0 and content.startswith("flaky"):
@@ -42,6 +47,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
                      "top_logprobs": [{"token": "echo", "logprob": math.log(0.5)},
                                       {"token": "say", "logprob": math.log(0.25)}]}]}
             choices.append(choice)
+        with self.lock:
+            FakeOpenAI.served += 1
         self._send(200, {"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * len(choices)}})
 
     def _send(self, status, payload, headers=None):
@@ -61,4 +68,5 @@ def serve() -> tuple[ThreadingHTTPServer, str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     FakeOpenAI.failures.clear()
     FakeOpenAI.seen_auth.clear()
+    FakeOpenAI.down, FakeOpenAI.served = False, 0
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,50 @@ def test_openai_engine_gives_up_with_a_clear_error(fake_openai):
     with pytest.raises(EndpointError, match="ConnectError"):
         unreachable.generate([Request("x", QUESTION)], SamplingConfig())
     unreachable.close()
+
+
+VLLM_WEIGHTS_SCRIPT = """
+import json, sys, time
+from raypost.config import EngineConfig, SamplingConfig
+from raypost.engines import Request, build_engine
+if __name__ == "__main__":
+    first, other = sys.argv[1], sys.argv[2]
+    engine = build_engine(first, EngineConfig(backend="vllm", max_model_len=256, vllm_kwargs={"enforce_eager": True}))
+    request = [Request("a", [{"role": "user", "content": "What is 2+2?"}])]
+    sampling = SamplingConfig(max_tokens=4, logprobs=1)
+    def logprobs():
+        return [t.logprob for t in engine.generate(request, sampling)[0][0].logprobs]
+    before = logprobs()
+    started = time.perf_counter()
+    engine.load_weights(other)
+    seconds = time.perf_counter() - started
+    swapped = logprobs()
+    engine.load_weights(first)
+    print("RESULT", json.dumps({"before": before, "swapped": swapped, "back": logprobs(), "seconds": seconds}), flush=True)
+    engine.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_engine_takes_new_weights_in_place(tiny_model, tmp_path):
+    """The closed loop's student on vLLM: a trained checkpoint goes into the running engine (no
+    restart); the old weights back in give the old logprobs again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    from raypost.models.tiny import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", seed=7)
+    script = tmp_path / "weights.py"
+    script.write_text(VLLM_WEIGHTS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(other)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert out["swapped"] != out["before"]
+    assert out["back"] == pytest.approx(out["before"], abs=1e-4)

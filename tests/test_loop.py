@@ -169,3 +169,34 @@ def test_a_loop_killed_in_every_phase_ends_with_the_ledger_of_an_uninterrupted_r
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "model", "weight_sync")}  # noqa: E731
     assert [strip(r) for r in rounds] == [strip(r) for r in reference_rounds]
+
+
+@pytest.mark.slow
+def test_a_teacher_endpoint_that_goes_down_stops_the_loop_paying_nothing_and_a_rerun_finishes(
+        tiny_model, tmp_path, ray_local, fake_openai):
+    """An OpenAI-compatible teacher over real HTTP. While it answers 503 to everything, round 1
+    stops with a clear error and the ledger holds nothing; once it is back, the rerun pays the
+    budget exactly once."""
+    from raypost.errors import StageError
+    from raypost.loop.controller import run_loop
+    from tests.fake_openai import FakeOpenAI
+
+    # the endpoint echoes its prompt ending "#0": a gold answer of 0 makes the echo verify
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"Q{k}: what is {k} minus {k}?", "answer": f"{k} - {k} = 0\n#### 0"})
+                            + "\n" for k in range(6)))
+    path = loop_recipe(tmp_path, tiny_model, name="http", rounds=1,
+                       pool={"path": str(pool), "group_by": None, "system_prompt": None},
+                       teacher={"model": "teacher-model", "mode": "answer", "sampling": {"max_tokens": 16},
+                                "engine": {"backend": "openai", "base_url": fake_openai, "max_retries": 0,
+                                           "batch_size": 2}},
+                       budget={"requests": 4}, selection={"strategy": "random"})
+    run_dir = tmp_path / "runs" / "http"
+    FakeOpenAI.down = True
+    with pytest.raises(StageError, match=r"teacher teacher-model: every request of a batch failed .*HTTP 503"):
+        run_loop(load_recipe(path, schema=LoopRecipe))
+    assert ledger_view(run_dir)[0]["requests"] == 0 and FakeOpenAI.served == 0
+    FakeOpenAI.down = False
+    rounds = run_loop(load_recipe(path, schema=LoopRecipe))
+    assert ledger_view(run_dir)[0]["requests"] == 4 and FakeOpenAI.served == 4
+    assert rounds[1]["kept"] == 4 and rounds[1]["train_rows"] == 4

@@ -176,7 +176,8 @@ def evaluate(
         summary.engine = "transformers (log-likelihood)"
     else:
         rows, failed, summary.engine = _generate_rows(items, prompts, model, engine, sampling, resources, cache_dir,
-                                                      output_dir, data_path, progress)
+                                                      output_dir, data_path,
+                                                      progress and f"eval {benchmark} [{model_label or model}]")
     summary.generation_seconds = time.perf_counter() - generation_started
     summary.items_per_second = len(items) / max(summary.generation_seconds, 1e-9)
 

@@ -139,7 +139,9 @@ def generate_files(
 
     started = time.perf_counter()
     files = sources.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
-    sources.check_schemas(files, fmt)
+    rows = sources.check_schemas(files, fmt)
+    if rows is not None and limit is not None:
+        rows = min(rows, limit)
     ensure_ray()
     from ray.data import DataContext
 
@@ -156,7 +158,7 @@ def generate_files(
         duplicates = find_duplicates(dataset)
         return _run(dataset, duplicates, model=model, output_dir=Path(output_dir), engine=engine,
                     sampling=sampling, resources=resources, cache_dir=cache_dir, source=files.uri, progress=progress,
-                    started=started, total=None)
+                    started=started, total=None if rows is None else rows * (sampling or SamplingConfig()).n)
     finally:
         context.execution_options.preserve_order = keep_order
 
@@ -206,6 +208,8 @@ def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, e
     summary = GenerationSummary(str(output_dir), str(rejected_dir), engine=backend, model=model)
     done_parts = records.part_files(output_dir)
     summary.rows_skipped = sum(pq.ParquetFile(p).metadata.num_rows for p in done_parts)
+    if total is not None:  # the bar counts this run's rows
+        total = max(0, total - summary.rows_skipped)
 
     light = dict(batch_format="pyarrow", zero_copy_batch=True, num_cpus=LIGHT_CPUS)
     todo = dataset.map_batches(batches.split_prompts, batch_size=None, **light, fn_kwargs=dict(

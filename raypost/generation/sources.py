@@ -138,20 +138,27 @@ def _directory_files(fs, path: str, uri: str) -> list[str]:
     raise DataError(f"{uri}: directory holds no Parquet parts, JSONL files or saved HF dataset")
 
 
-def check_schemas(files: InputFiles, fmt: PromptFormat) -> None:
-    """Parquet and Arrow inputs must have the fields the format names, of a usable type (footers only)."""
+def check_schemas(files: InputFiles, fmt: PromptFormat) -> int | None:
+    """Parquet and Arrow inputs must have the fields the format names, of a usable type (footers
+    only). Returns the number of rows when every input is Parquet (from the footers), else None."""
     import pyarrow.parquet as pq
 
+    rows: int | None = 0
     for path in files.paths:
         if path.endswith(".parquet"):
             with files.filesystem.open_input_file(path) as handle:
-                file_schema = pq.read_schema(handle)
+                metadata = pq.read_metadata(handle)
+            file_schema = metadata.schema.to_arrow_schema()
+            rows = None if rows is None else rows + metadata.num_rows
         elif path.endswith(".arrow"):
             with files.filesystem.open_input_stream(path) as handle:
                 file_schema = pa.ipc.open_stream(handle).schema
+            rows = None
         else:
+            rows = None
             continue
         _check_fields(path, file_schema, fmt)
+    return rows
 
 
 def _check_fields(path: str, file_schema: pa.Schema, fmt: PromptFormat) -> None:
