@@ -3,8 +3,8 @@
 A round needs the student (scoring the pool, then the eval set) and the teacher; starting an
 engine per phase costs a vLLM start-up (50-90 s on these CPUs) each time. So each is one actor for
 the loop's lifetime, and after each round's training the new student weights are loaded into the
-running engine (`load_weights`): transformers copies them into the live module, vLLM into every
-worker of the running engine (raypost/engines/vllm_weights.py), both in place; an engine without
+running engine (`load_weights`): transformers copies them into the live module, vLLM reloads them
+in every worker of the running engine (its in-place `reload_weights`), both in place; an engine without
 an in-place path is rebuilt inside the same actor, which keeps the process but pays the engine
 start-up again; `weight_sync.how` in the round record says which happened.
 """
