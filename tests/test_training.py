@@ -182,48 +182,35 @@ def test_method_loss_falls_and_exports(method, tmp_path, tiny_model, ray_local):
         train(small_config(method, seed=1), model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
 
 
-def test_cpu_workers_run_with_the_configured_allocator(tmp_path, tiny_model, ray_local):
-    """'retain' (the default, asserted by the two-stage recipe test) gives the CPU worker processes
-    glibc settings that keep freed memory; 'system' leaves them alone. The worker reports what its
-    own environment holds."""
-    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft"))
-    config = small_config("sft", sft={"max_steps": 1}, scaling={"allocator": "system"})
-    result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "system")
-    assert result.metrics["host_allocator"] == "system"
-
-
-@pytest.mark.slow
-def test_lora_is_merged_into_a_full_checkpoint(tmp_path, tiny_model, ray_local):
-    from safetensors.torch import load_file
-
-    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft"))
-    config = small_config("sft", sft={"learning_rate": 2e-3, "max_steps": 3, "per_device_train_batch_size": 4,
-                                      "max_length": 64, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
-    result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
-    assert_loads(result.model_dir)
-    base = load_file(next(Path(tiny_model).glob("*.safetensors")))
-    merged = load_file(next(Path(result.model_dir).glob("*.safetensors")))
-    assert set(base) == set(merged)  # plain weight names: no lora_A/lora_B left
-    changed = [k for k in base if "q_proj" in k and not (base[k] == merged[k]).all()]
-    assert changed
-
-
 # --- distributed -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_two_worker_ddp_leaves_identical_weights_and_one_mlflow_run(tmp_path, tiny_model, ray_local, monkeypatch):
+def test_two_worker_ddp_lora_identical_weights_one_mlflow_run_and_the_configured_allocator(
+        tmp_path, tiny_model, ray_local, monkeypatch):
+    """One fit (each costs ~25 s of start-up) for four things: two DDP workers end with the same
+    weights; LoRA adapters are merged into a full checkpoint with plain weight names; rank 0
+    alone logs to MLflow (one run); the workers run with the configured host allocator ('system'
+    here; 'retain', the default, is asserted by the two-stage recipe test)."""
     from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this reading client, as for the worker
     data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft", 8))
     tracking_dir = tmp_path / "mlruns"
-    config = small_config("sft", sft={"max_steps": 3, "per_device_train_batch_size": 2},
-                          scaling={"num_workers": 2}, tracking={"backend": "mlflow", "dir": str(tracking_dir)})
+    config = small_config("sft", sft={"learning_rate": 2e-3, "max_steps": 3, "per_device_train_batch_size": 2,
+                                      "max_length": 64, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                          scaling={"num_workers": 2, "allocator": "system"},
+                          tracking={"backend": "mlflow", "dir": str(tracking_dir)})
     result = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
     assert result.steps == 3
     assert len(result.peak_rss_mb_per_worker) == 2
     assert result.ranks_consistent is True
+    assert result.metrics["host_allocator"] == "system"
     assert_loads(result.model_dir)
+    base = load_file(next(Path(tiny_model).glob("*.safetensors")))
+    merged = load_file(next(Path(result.model_dir).glob("*.safetensors")))
+    assert set(base) == set(merged)  # plain weight names: no lora_A/lora_B left
+    assert [k for k in base if "q_proj" in k and not (base[k] == merged[k]).all()]
     # rank 0 alone logs: one MLflow run with every step, not one per worker
     client = MlflowClient(tracking_uri=tracking_dir.resolve().as_uri())
     experiment = client.get_experiment_by_name("raypost")
