@@ -125,10 +125,12 @@ def resolve_data_path(value: str, base: Path | None) -> Path:
 
 
 def existing_data_path(value: str | None, info) -> str | None:
-    """Field validator body for data paths: resolved as above, and it must exist."""
+    """Field validator body for data paths: resolved as above, and it must exist. Absolute and
+    normalized: the same file named from another working directory, or beside a recipe given by
+    another path, is the same setting (a stage that reads it stays up to date)."""
     if value is None:
         return value
     resolved = resolve_data_path(value, (info.context or {}).get("recipe_path"))
     if not resolved.exists():
         raise ValueError(f"path does not exist: {value}")
-    return str(resolved)
+    return str(resolved.resolve())

@@ -163,3 +163,22 @@ def test_an_override_changes_one_place_even_under_a_yaml_anchor(tmp_path):
     assert "sampling: *id" in text
     recipe = load_recipe(write(tmp_path, text), ["stages.b.sampling.max_tokens=32"])
     assert [s.sampling.max_tokens for s in recipe.stages] == [16, 32]
+
+
+def test_a_data_path_is_one_setting_however_the_recipe_is_named(tmp_path, monkeypatch):
+    """A relative data path beside the recipe resolves to one absolute path whether the recipe is
+    given relative to the working directory, absolute, or through `..`: a rerun with another
+    spelling finds its stages up to date (the settings are part of each stage's manifest)."""
+    import yaml
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    (tmp_path / "recipes").mkdir()
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "models": {"student": "gold"}, "stages": [
+        {"kind": "eval", "name": "eval", "models": ["student"], "engine": {"backend": "reference"},
+         "benchmarks": [{"name": "arith", "data_path": "../data/test.jsonl"}]}]}))
+    monkeypatch.chdir(tmp_path)
+    spellings = [path, Path("recipes/r.yaml"), tmp_path / "recipes" / ".." / "recipes" / "r.yaml"]
+    seen = {load_recipe(p).stages[0].benchmarks[0].data_path for p in spellings}
+    assert seen == {str((tmp_path / "data" / "test.jsonl").resolve())}
