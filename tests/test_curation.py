@@ -416,6 +416,46 @@ def test_recipe_runs_generate_then_curate(ray_local, tiny_model, tmp_path, share
     assert len(kto) == 12 and all(r["label"] for r in kto)   # the reference engine's answers all verify
 
 
+def test_a_resumed_curate_stage_pays_no_model_call_twice(ray_local, tiny_model, tmp_path):
+    """A curate stage stopped before it finished (its manifest still `running`, as a crash or
+    Ctrl-C leaves it) resumes: the student answers generated for selection are kept and read
+    back, not generated again; the stage's outputs are written anew."""
+    import yaml
+
+    from raypost.recipe import load_recipe, run_recipe
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"#### {2 * i}"}) + "\n"
+                            for i in range(4)))
+    recipe = {
+        "name": "cur", "output_dir": str(tmp_path / "runs"),
+        "models": {"teacher": str(tiny_model), "student": str(tiny_model)},
+        "stages": [
+            {"kind": "generate", "name": "teacher", "engine": {"backend": "reference"},
+             "input": {"path": str(data), "prompt_field": "question", "reference_field": "answer"}},
+            {"kind": "curate", "name": "curate", "input": "teacher", "steps": [
+                {"step": "select", "scorer": "none", "candidates": [
+                    {"name": "teacher", "source": "input"},
+                    {"name": "student", "source": "generate", "model": "student",
+                     "engine": {"backend": "transformers", "batch_size": 4}, "sampling": {"max_tokens": 4}}]},
+                {"step": "write", "formats": ["sft"]}]},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(path))
+    stage_dir = tmp_path / "runs" / "curate"
+    generated = stage_dir / "work" / "candidates_student"
+    before = {p.name: p.stat().st_mtime_ns for p in records.part_files(generated)}
+    assert before and len(records.read_rows(generated)) == 4
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    (stage_dir / "manifest.json").write_text(json.dumps({**manifest, "state": "running"}))
+    again = run_recipe(load_recipe(path))
+    assert not again["curate"].get("up_to_date")          # it ran (resumed), it was not skipped
+    assert {p.name: p.stat().st_mtime_ns for p in records.part_files(generated)} == before
+    assert len(records.read_rows(stage_dir / "sft")) == 4
+
+
 def test_curate_input_path_is_found_beside_the_recipe(ray_local, tmp_path, monkeypatch):
     import yaml
 

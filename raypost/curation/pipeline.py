@@ -158,25 +158,30 @@ def run_step(dataset, step, ctx: StepContext):
     return runner(dataset, step, ctx)
 
 
-def clear_outputs(output_dir: Path) -> None:
-    """A rerun recomputes everything: drop the parts and subsets an earlier run wrote."""
+def clear_outputs(output_dir: Path, keep_work: bool = False) -> None:
+    """A rerun recomputes the steps: drop the parts and subsets an earlier run wrote. `keep_work`:
+    the model calls' outputs in `work/` stay, and generation there resumes by key (a teacher
+    answer is never paid twice); only for a rerun of the same settings and inputs."""
     for part in records.part_files(output_dir):
         part.unlink()
-    for sub in (*OUTPUT_SUBDIRS, "work"):
+    for sub in (*OUTPUT_SUBDIRS, *(() if keep_work else ("work",))):
         if (output_dir / sub).is_dir():
             shutil.rmtree(output_dir / sub)
 
 
 def curate(dataset, steps: Sequence[Any], *, output_dir: str | Path, model_reference: Callable[[str], str] = lambda m: m,
            stage_dir: Callable[[str], Path] = Path, resources: Resources | None = None,
-           cache_dir: str | None = None, rejected: Sequence[records.Rejected] = ()) -> dict[str, Any]:
+           cache_dir: str | None = None, rejected: Sequence[records.Rejected] = (),
+           keep_work: bool = False) -> dict[str, Any]:
     """Run `steps` (configs from raypost.curation.config) over `dataset`; write rows, rejects, report.
 
     `rejected` carries rows the loader already set aside, so they are stored and counted too.
+    `keep_work`: resume the model calls of an earlier run into the same `output_dir` (the recipe
+    stage does, as a stage whose settings or inputs changed gets a fresh directory).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    clear_outputs(output_dir)
+    clear_outputs(output_dir, keep_work)
     resources = resources or Resources()
     log = CurationLog(rejected=list(rejected))
     started = time.perf_counter()

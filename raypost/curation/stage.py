@@ -22,7 +22,10 @@ def run_curate_stage(stage: CurateStage, context) -> dict[str, Any]:
         resources=context.resources_for(stage),
         cache_dir=context.recipe.cache_dir,
         rejected=unreadable,
+        # the stage directory is fresh when settings or inputs changed: what is in work/ was
+        # paid for under these same ones (a crash or Ctrl-C), and is resumed, not bought again
+        keep_work=True,
     )
     console.say(f"curate: {summary['rows_out']} rows out, {summary['rows_rejected']} rejected "
-          f"{summary['rejected_by_step']} -> {summary['output_dir']}")
+                f"{summary['rejected_by_step']} -> {summary['output_dir']}")
     return summary
