@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 
 
+# set by `raypost serve` for the Ray it starts: the address HAProxy's side ports bind to
+SERVE_BIND_ENV = "RAYPOST_SERVE_BIND_HOST"
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
@@ -24,7 +28,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # no dashboard on a local Ray (a process and ports a CLI run does not need); every
         # worker process then drops the one warning that its absence causes (see below)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "raypost.runtime.quiet_worker_logs"})
+                 runtime_env={"worker_process_setup_hook": "raypost.runtime.setup_worker"})
     # ray.init installs SIGTERM handlers of its own (see interrupt_on_sigterm)
     interrupt_on_sigterm()
     from raypost import console
@@ -70,6 +74,17 @@ def quiet_worker_logs() -> None:
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
         _DropMessage("Failed to query Ray Train Controller actor state"))
+
+
+def setup_worker() -> None:
+    """Run in every worker process of a Ray that raypost starts itself."""
+    quiet_worker_logs()
+    host = os.environ.get(SERVE_BIND_ENV)
+    if host:
+        from raypost.serving.high_throughput import bind_haproxy_side_ports
+
+        bind_haproxy_side_ports(host)
+
 
 
 def cpu_has_native_bf16() -> bool:

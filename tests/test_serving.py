@@ -302,10 +302,13 @@ def test_two_raypost_serves_answer_side_by_side_and_stop_on_ctrl_c_and_sigterm(t
                     pass
                 time.sleep(2)
             assert server["process"].poll() is None, server["process"].stdout.read()[-3000:]
-        # Serve writes one HAProxy config per Ray session; each port has its own frontend.
+        # Serve writes one HAProxy config per Ray session; each port has its own frontend, and
+        # the stats and metrics listeners bind to the serve's host, not to every interface
         configs = [p.read_text() for p in Path("/tmp/haproxy-serve").glob("*/haproxy.cfg")]
         for server in servers:
-            assert any(f"bind 127.0.0.1:{server['port']}" in text for text in configs), "no HAProxy frontend"
+            [text] = [t for t in configs if f"bind 127.0.0.1:{server['port']}" in t]
+            binds = [line.split()[1] for line in text.splitlines() if line.strip().startswith("bind ")]
+            assert binds and all(b.startswith("127.0.0.1:") for b in binds), binds
         for server in servers:  # both answer, each while the other is up
             base = server["base"]
             assert [m["id"] for m in httpx.get(f"{base}/models", headers=headers, timeout=30).json()["data"]] == ["tiny"]
@@ -359,6 +362,21 @@ def test_high_throughput_switches_keep_what_the_caller_set(monkeypatch):
     with socket.socket() as sock:  # a free port, not HAProxy's fixed default
         sock.bind(("", metrics_port))
     assert metrics_port != 9101
+
+
+def test_haproxy_side_ports_bind_to_the_serve_host_in_rays_template():
+    from ray.serve._private import haproxy
+
+    from raypost.serving.high_throughput import SIDE_PORT_BINDS, bind_haproxy_side_ports
+
+    original = haproxy.HAPROXY_CONFIG_TEMPLATE
+    try:
+        assert bind_haproxy_side_ports("127.0.0.1")
+        patched = haproxy.HAPROXY_CONFIG_TEMPLATE
+        assert "bind 127.0.0.1:{{ config.metrics_port }}" in patched and "bind 127.0.0.1:{{ config.stats_port }}" in patched
+        assert not any(line in patched for line in SIDE_PORT_BINDS)
+    finally:
+        haproxy.HAPROXY_CONFIG_TEMPLATE = original
 
 
 @pytest.mark.vllm

@@ -177,7 +177,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     if args.high_throughput and not joins_cluster:
         from raypost.serving.high_throughput import use_high_throughput_serve
 
-        use_high_throughput_serve()
+        use_high_throughput_serve(config.host)
     ensure_ray(args.address)
     app = build_serve_config(config)["applications"][0]
     names = ", ".join(name for m in config.models for name in m.names())

@@ -12,9 +12,11 @@ the caller already set wins.
 
 HAProxy also opens a stats page and a Prometheus endpoint, on fixed ports by default (8404,
 9101): a second `raypost serve` on the same machine then dies binding them. A local Ray gets two
-ports that are free when it starts. Ray's HAProxy template binds both on every interface and has
-no setting for the address; on a host reachable from outside, firewall them or pass
-`--no-high-throughput`.
+ports that are free when it starts, bound to the serve's `--host`: Ray's HAProxy template binds
+them on every interface and has no setting for the address, so the workers of the Ray that
+`raypost serve` starts put the host into the template (`bind_haproxy_side_ports`, from the
+worker setup hook) before the proxy renders it. Where the template does not have the expected
+lines (another Ray), it is left alone and the ports listen on every interface.
 """
 
 from __future__ import annotations
@@ -33,11 +35,34 @@ def free_port(host: str = "") -> int:
         return sock.getsockname()[1]
 
 
-def use_high_throughput_serve() -> dict[str, str]:
-    """Put the switches (and free HAProxy side ports) in this process's environment for a local
-    Ray started after it; returns them."""
+def use_high_throughput_serve(host: str = "") -> dict[str, str]:
+    """Put the switches (and free HAProxy side ports on `host`, "" = every interface) in this
+    process's environment for a local Ray started after it; returns them."""
+    from raypost.runtime import SERVE_BIND_ENV
+
     for key, value in HIGH_THROUGHPUT_ENV.items():
         os.environ.setdefault(key, value)
     for key in HAPROXY_PORT_ENV:
-        os.environ.setdefault(key, str(free_port()))
+        os.environ.setdefault(key, str(free_port(host)))
+    if host and host != "0.0.0.0":
+        os.environ.setdefault(SERVE_BIND_ENV, host)
     return {key: os.environ[key] for key in (*HIGH_THROUGHPUT_ENV, *HAPROXY_PORT_ENV)}
+
+
+SIDE_PORT_BINDS = ("bind :{{ config.metrics_port }}", "bind *:{{ config.stats_port }}")
+
+
+def bind_haproxy_side_ports(host: str) -> bool:
+    """Bind HAProxy's metrics and stats listeners to `host` instead of every interface, in this
+    process's copy of Ray's template; True when the template had the lines to change."""
+    try:
+        from ray.serve._private import haproxy
+    except ImportError:
+        return False
+    template = haproxy.HAPROXY_CONFIG_TEMPLATE
+    if not all(line in template for line in SIDE_PORT_BINDS):
+        return False
+    for line in SIDE_PORT_BINDS:
+        template = template.replace(line, line.replace("bind :", f"bind {host}:").replace("bind *:", f"bind {host}:"))
+    haproxy.HAPROXY_CONFIG_TEMPLATE = template
+    return True
