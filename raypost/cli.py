@@ -14,10 +14,9 @@ import json
 import sys
 
 from raypost.config import RecipeError
-
-from raypost.recipe import load_recipe
-from raypost.models.resolve import ModelError
 from raypost.errors import StageError
+from raypost.models.resolve import ModelError
+from raypost.recipe import load_recipe
 from raypost.records import DataError
 
 # Stage kinds that get a `raypost KIND RECIPE` command running only those stages.

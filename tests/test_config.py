@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from raypost.config import RecipeError
-
 from raypost.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

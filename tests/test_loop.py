@@ -14,10 +14,9 @@ import pytest
 import yaml
 
 from raypost.config import RecipeError
-
-from raypost.recipe import load_recipe
 from raypost.loop.config import LoopRecipe
 from raypost.loop.ledger import Caps, Ledger, Totals
+from raypost.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,11 +15,10 @@ import pytest
 import yaml
 
 from raypost.config import RecipeError
-
-from raypost.recipe import load_recipe
 from raypost.loop.config import LoopRecipe, SplitConfig
 from raypost.loop.ledger import Ledger
 from raypost.loop.sipf import make_pairs, prefix_key, split_steps
+from raypost.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

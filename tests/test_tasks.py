@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from raypost.config import EngineConfig, SamplingConfig
-
-from raypost.recipe import load_recipe
 from raypost.engines import Request, build_engine
 from raypost.evaluation.loaders import load_gsm8k
+from raypost.recipe import load_recipe
 from raypost.tasks import arith
 from raypost.verify.math_answer import verify_math
 

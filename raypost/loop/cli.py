@@ -45,9 +45,9 @@ def _sipf(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, require_mode: str | None = None) -> int:
     from raypost.config import RecipeError
-    from raypost.recipe import load_recipe
     from raypost.loop.config import LoopRecipe
     from raypost.loop.controller import run_loop
+    from raypost.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.rest, schema=LoopRecipe)
     if require_mode is not None and recipe.loop.mode != require_mode:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from raypost.config import RecipeError
-
 from raypost.recipe import read_yaml
 from raypost.serving.config import ServeConfig, ServedModel, load_serve_config, model_name_for, parse_serve_config
 

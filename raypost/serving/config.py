@@ -17,7 +17,6 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from raypost.config import RecipeError, StrictModel
-
 from raypost.recipe import format_validation_error, read_yaml
 
 APP_IMPORT_PATH = "raypost.serving.app:build_app"
