@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -79,3 +80,16 @@ def test_a_block_that_starts_and_kills_an_engine_leaves_no_segment():
         holder.wait()
         assert (SHM_DIR / name).exists()
     assert not (SHM_DIR / name).exists()
+
+
+def test_loky_semaphores_go_only_when_their_creator_is_gone(tmp_path):
+    """A killed vLLM replica also leaves joblib's `sem.loky-<pid>-*`; only the dead pid's goes."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    since = time.time() - 1.0
+    orphan = tmp_path / f"sem.loky-{dead.pid}-abcd"
+    live = tmp_path / f"sem.loky-{os.getpid()}-efgh"
+    for entry in (orphan, live):
+        entry.write_bytes(b"\0" * 32)
+    assert remove_orphaned_segments(since, shm_dir=tmp_path) == [orphan.name]
+    assert live.exists() and not orphan.exists()

@@ -1,4 +1,5 @@
-"""Remove the /dev/shm segments that killed vLLM processes leave behind.
+"""Remove the /dev/shm segments that killed vLLM processes leave behind (and the small loky
+semaphores that a killed vLLM replica leaves too).
 
 vLLM's shared-memory message queues (`psm_*`, 160–250 MiB each on CPU) are unlinked by the
 process that made them when it exits cleanly. Ray ends engine actors with a kill, so the
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "psm_"
+# joblib's loky semaphores (32 bytes, named after the creating pid): a killed vLLM replica leaves
+# one; removed only when that pid is gone
+SEMAPHORE_PREFIX = "sem.loky-"
 
 
 def segment_clock() -> float:
@@ -78,13 +82,26 @@ def _recent_segments(shm_dir: Path, since: float) -> list[Path]:
     if not shm_dir.is_dir():
         return []
     recent = []
-    for entry in shm_dir.glob(f"{SEGMENT_PREFIX}*"):
+    entries = [*shm_dir.glob(f"{SEGMENT_PREFIX}*"),
+               *(e for e in shm_dir.glob(f"{SEMAPHORE_PREFIX}*") if not _creator_alive(e.name))]
+    for entry in entries:
         try:
             if entry.stat().st_mtime >= since:
                 recent.append(entry)
         except OSError:
             continue
     return recent
+
+
+def _creator_alive(name: str) -> bool:
+    try:
+        pid = int(name[len(SEMAPHORE_PREFIX):].split("-", 1)[0])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):  # not a name we understand, or someone else's process
+        return True
+    return True
 
 
 def _remove_unused(candidates: list[Path], removed: list[str]) -> int:
