@@ -382,30 +382,34 @@ def test_curate_sets_aside_bad_rows_with_their_reason(ray_local, tmp_path):
     assert json.loads((tmp_path / "cur" / "report.json").read_text())["rows_out"] == 2
 
 
-@pytest.mark.slow
-def test_recipe_runs_generate_then_curate(ray_local, tiny_model, tmp_path, shared_data):
+def generate_then_curate_recipe(tmp_path: Path, tiny_model: Path, problems: list[dict], steps: list[dict]) -> Path:
+    """A recipe: the reference teacher answers `problems` (GSM8K format), then a curate stage runs `steps`."""
     import yaml
 
-    from raypost.recipe import load_recipe
-    from raypost.recipe import run_recipe
-
-    problems = gsm8k_questions(shared_data, 12)
-    problems.append({"question": problems[0]["question"] + "  ", "answer": problems[0]["answer"]})
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in problems))
-    recipe = {
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
         "name": "cur", "output_dir": str(tmp_path / "runs"),
         "models": {"teacher": str(tiny_model), "student": str(tiny_model)},
         "stages": [
             {"kind": "generate", "name": "teacher", "engine": {"backend": "reference"},
              "input": {"path": str(data), "prompt_field": "question", "reference_field": "answer"}},
-            {"kind": "curate", "name": "curate", "input": "teacher", "steps": [
-                {"step": "dedup"}, {"step": "verify"}, {"step": "entropy_route", "model": "student"},
-                {"step": "write", "formats": ["sft", "kto"]}]},
+            {"kind": "curate", "name": "curate", "input": "teacher", "steps": steps},
         ],
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    }))
+    return path
+
+
+@pytest.mark.slow
+def test_recipe_runs_generate_then_curate(ray_local, tiny_model, tmp_path, shared_data):
+    from raypost.recipe import load_recipe, run_recipe
+
+    problems = gsm8k_questions(shared_data, 12)
+    problems.append({"question": problems[0]["question"] + "  ", "answer": problems[0]["answer"]})
+    path = generate_then_curate_recipe(tmp_path, tiny_model, problems, [
+        {"step": "dedup"}, {"step": "verify"}, {"step": "entropy_route", "model": "student"},
+        {"step": "write", "formats": ["sft", "kto"]}])
     summaries = run_recipe(load_recipe(path))
     cur = summaries["curate"]
     assert cur["rejected_by_step"] == {"dedup": 1}       # the first problem twice
@@ -420,29 +424,15 @@ def test_a_resumed_curate_stage_pays_no_model_call_twice(ray_local, tiny_model, 
     """A curate stage stopped before it finished (its manifest still `running`, as a crash or
     Ctrl-C leaves it) resumes: the student answers generated for selection are kept and read
     back, not generated again; the stage's outputs are written anew."""
-    import yaml
-
     from raypost.recipe import load_recipe, run_recipe
 
-    data = tmp_path / "problems.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"#### {2 * i}"}) + "\n"
-                            for i in range(4)))
-    recipe = {
-        "name": "cur", "output_dir": str(tmp_path / "runs"),
-        "models": {"teacher": str(tiny_model), "student": str(tiny_model)},
-        "stages": [
-            {"kind": "generate", "name": "teacher", "engine": {"backend": "reference"},
-             "input": {"path": str(data), "prompt_field": "question", "reference_field": "answer"}},
-            {"kind": "curate", "name": "curate", "input": "teacher", "steps": [
-                {"step": "select", "scorer": "none", "candidates": [
-                    {"name": "teacher", "source": "input"},
-                    {"name": "student", "source": "generate", "model": "student",
-                     "engine": {"backend": "transformers", "batch_size": 4}, "sampling": {"max_tokens": 4}}]},
-                {"step": "write", "formats": ["sft"]}]},
-        ],
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    problems = [{"question": f"What is {i} plus {i}?", "answer": f"#### {2 * i}"} for i in range(4)]
+    path = generate_then_curate_recipe(tmp_path, tiny_model, problems, [
+        {"step": "select", "scorer": "none", "candidates": [
+            {"name": "teacher", "source": "input"},
+            {"name": "student", "source": "generate", "model": "student",
+             "engine": {"backend": "transformers", "batch_size": 4}, "sampling": {"max_tokens": 4}}]},
+        {"step": "write", "formats": ["sft"]}])
     run_recipe(load_recipe(path))
     stage_dir = tmp_path / "runs" / "curate"
     generated = stage_dir / "work" / "candidates_student"
