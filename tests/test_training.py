@@ -239,6 +239,13 @@ def test_two_worker_deepspeed_zero2_killed_worker_resumes_from_last_checkpoint(t
     stepped = [h for h in result.history if "loss" in h]
     assert [h["step"] for h in stepped] == [1, 2, 3, 4, 5, 6]
     assert stepped[-1]["loss"] < stepped[0]["loss"], stepped
+    # every rank's own files are in each stored checkpoint (the resume above needed rank 1's)
+    stored = sorted((tmp_path / "out" / "ray").rglob("checkpoint-0*"))
+    assert stored
+    for checkpoint in stored:
+        names = {p.name for p in checkpoint.rglob("*")}
+        assert {"rng_state_0.pth", "rng_state_1.pth", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names, (checkpoint, sorted(names))
     assert_loads(result.model_dir)
 
 

@@ -1,8 +1,9 @@
 """TrainerCallbacks that connect TRL's loop to Ray Train: metrics, checkpoints, progress.
 
 `ray.train.report` is a barrier: every rank calls it the same number of times (on each save and
-at the export), and checkpoints come from node-local rank 0 after a barrier so the files of every
-rank on that node (rng states, ZeRO shards) are on disk before the upload.
+at the export). Every rank reports its own checkpoint directory and Ray Train merges them into one
+in storage: each rank writes files of its own there (its rng state, its ZeRO optimizer shard), so
+a resume on any rank finds them.
 """
 
 from __future__ import annotations
@@ -123,9 +124,8 @@ class RayTrainReportCallback(TrainerCallback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        checkpoint = None
-        if ray.train.get_context().get_local_rank() == 0 and checkpoint_dir.is_dir():
-            checkpoint = Checkpoint.from_directory(str(checkpoint_dir))
+        # each rank's files differ (rank 0 alone writes the model, every rank its own shard)
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
         metrics = {**self.last_metrics, "step": state.global_step, "peak_rss_mb": peak_rss_mb()}
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:08d}")
 

@@ -1,7 +1,7 @@
 """The Ray Train worker loop: build the TRL trainer, train (resuming from Ray's checkpoint), export.
 
 Each rank works in its own local scratch dir; Ray Train merges what the ranks report into one
-checkpoint in storage. The last checkpoint a run reports is the export (full HF model,
+checkpoint in storage (every rank reports, so a rank's own files, such as its ZeRO shard, are kept). The last checkpoint a run reports is the export (full HF model,
 tokenizer, chat template) marked by EXPORT_MARKER: a restarted run that finds it is done.
 """
 
