@@ -32,7 +32,8 @@ SERVE_TARGETS: list[tuple[Path, Path]] = [
     (K8S / "serve-models.yaml", K8S / "base" / "rayservice.yaml"),
     (K8S / "overlays" / "cpu-dev" / "serve-models.yaml", K8S / "overlays" / "cpu-dev" / "rayservice-patch.yaml"),
 ]
-OVERLAYS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "cpu-dev": K8S / "overlays" / "cpu-dev"}
+OVERLAYS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "cpu-dev": K8S / "overlays" / "cpu-dev",
+            "loop": K8S / "overlays" / "loop"}
 
 _BLOCK_START = re.compile(r"^(?P<indent>[ ]*)serveConfigV2: \|[-+]?[ ]*$")
 

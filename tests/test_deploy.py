@@ -228,17 +228,22 @@ def _raypost_entrypoints() -> list[tuple[str, str]]:
 
 
 def test_rayjob_entrypoints_load_as_recipes(monkeypatch):
-    """The RayJobs' `raypost run` commands name a real recipe and overrides it accepts."""
+    """The RayJobs' `raypost run` / `raypost loop` commands name a real recipe and overrides it
+    accepts; the loop overlay's job runs a loop."""
     import shlex
 
-    from raypost.recipe import load_recipe
+    from raypost.loop.config import LoopRecipe
+    from raypost.recipe import Recipe, load_recipe
 
     monkeypatch.chdir(REPO)  # the job runs in its working_dir, a copy of the repository
+    commands = {}
     for where, entrypoint in _raypost_entrypoints():
         words = shlex.split(entrypoint)
-        assert words[:4] == ["python", "-m", "raypost", "run"], where
-        recipe = load_recipe(words[4], words[5:])
+        assert words[:3] == ["python", "-m", "raypost"] and words[3] in ("run", "loop"), where
+        recipe = load_recipe(words[4], words[5:], schema=LoopRecipe if words[3] == "loop" else Recipe)
         assert str(recipe.resolved_output_dir()).startswith("/data/"), f"{where}: outputs off the volume"
+        commands[where] = words[3]
+    assert commands["loop:raypost-loop"] == "loop" and commands["gpu:raypost-quickstart"] == "run"
 
 
 def test_runtime_envs_are_valid_for_ray():

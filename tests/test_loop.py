@@ -57,6 +57,16 @@ def ledger_view(run_dir: Path) -> tuple[dict, list[str]]:
     ({"teacher": {"model": "gold", "engine": {"backend": "reference"}}},
      "engine.backend 'reference' only replays gold answers and cannot write new problems"),
     ({"selection": {"strategy": "loss_everything"}}, "loop.selection.strategy: Input should be 'loss_self'"),
+    ({"selection": {"strategy": "judge"}, "teacher": {"model": "gold", "mode": "answer", "engine": {"backend": "reference"}}},
+     "selection.strategy judge: the teacher grades the student's answers, and engine.backend 'reference' cannot grade"),
+    ({"pool": {"path": "pool.jsonl", "answer_field": None}, "selection": {"learnability": {"samples": 2}}},
+     "selection: learnability needs gold answers"),
+    ({"teacher": {"mode": "answer", "vote": {"samples": 3}}}, "vote checks problems the teacher wrote: it needs mode: rewrite"),
+    ({"teacher": {"vote": {"samples": 2, "min_agree": 3}}}, "min_agree 3 is more than samples 2"),
+    ({"teacher": {"vote": {"samples": 3}}, "budget": {"tokens": 700}},
+     "budget.tokens 700 is below one teacher request + its vote"),
+    ({"mode": "sipf", "engines": "per_phase", "train": {"method": "orpo"}},
+     "engines: per_phase is a baseline of the distill loop"),
 ])
 def test_a_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change, message):
     (tmp_path / "pool.jsonl").write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
@@ -83,6 +93,71 @@ def test_the_ledger_never_passes_a_cap_and_survives_a_torn_last_line(tmp_path):
     assert sorted(reopened.entries) == ["k0", "k1"]
     assert reopened.totals().as_dict() == {**Totals(2, 80, 100).as_dict(), "cost_usd": 0.36}
     assert Ledger(tmp_path / "ledger.jsonl").totals().requests == 2   # the torn line is gone from the file
+
+
+def test_kcenter_picks_the_seed_farthest_from_everything_taught(tiny_model):
+    """Greedy k-center on real question embeddings (MiniLM): each pick is the question farthest
+    from the taught ones and the picks before it."""
+    import numpy as np
+
+    from raypost.loop.strategies import Scored, embed_questions, kcenter_order, score_items
+    from raypost.tasks import arith
+
+    items = arith.synthesize(12, (1, 2, 3, 4), seed=5)
+    vectors = embed_questions([i.question for i in items], "minilm")
+    assert vectors.shape[0] == 12 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    taught = [0, 5]
+    order = kcenter_order(vectors, taught)
+    assert sorted(order) == list(range(12)) and order[-2:] == taught   # the taught come last
+    chosen = list(taught)
+    for pick in order[:-2]:
+        distance = lambda i: min(np.linalg.norm(vectors[i] - vectors[c]) for c in chosen)  # noqa: E731
+        assert distance(pick) == pytest.approx(max(distance(i) for i in range(12) if i not in chosen))
+        chosen.append(pick)
+    scored = [Scored(str(i), None, None) for i in range(12)]
+    scores = score_items(scored, "kcenter", "mean", seed=0, embeddings=vectors, taught=taught)
+    assert sorted(range(12), key=lambda i: -scores[i]) == order
+
+
+def test_the_procedural_judge_grades_by_how_far_the_answer_got():
+    import random
+
+    from raypost.config import EngineConfig, SamplingConfig
+    from raypost.engines.base import Request
+    from raypost.engines.judge import judge_messages, parse_grade
+    from raypost.engines.procedural_engine import ProceduralEngine
+    from raypost.tasks import arith
+
+    problem, question = arith.make_problem(random.Random(1), 4)
+    engine = ProceduralEngine("procedural:arith", EngineConfig(backend="procedural"))
+    answers = [arith.solve(problem).text, arith.solve(problem, error_at=3).text,
+               arith.solve(problem, error_at=1).text, arith.solve(problem, error_at=0).text, "no idea", ""]
+    grades = [parse_grade(out[0].text) for out in engine.generate(
+        [Request(str(k), judge_messages(question, a)) for k, a in enumerate(answers)], SamplingConfig(max_tokens=4))]
+    # right: 10; wrong at the last step: 3 of 3 intermediate results reached; ...; no work: 1
+    assert grades == [10.0, 8.0, 3.0, 1.0, 1.0, 1.0]
+    with pytest.raises(arith.ParseError):
+        engine.generate([Request("x", judge_messages("What is love?", "42"))], SamplingConfig(max_tokens=4))
+
+
+def test_round_records_reach_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from raypost.loop.tracking import RoundTracker
+    from raypost.training.config import TrackingBlock
+
+    record = {"round": 1, "accuracy": 0.25, "accuracy_ci95": [0.1, 0.4], "per_group": {"1": {"accuracy": 0.5}},
+              "teacher_total": {"tokens": 900, "requests": 4}, "seconds": {"train": 12.5}}
+    for round_index in (0, 1):   # a resumed loop: a second tracker logs to the same run
+        tracker = RoundTracker(TrackingBlock(backend="mlflow"), tmp_path, "loop")
+        tracker.log({**record, "round": round_index, "accuracy": 0.1 + round_index})
+        tracker.close()
+    client = MlflowClient(tracking_uri=(tmp_path / "tracking").as_uri())
+    run_id = __import__("json").loads((tmp_path / "tracking" / "loop_run.json").read_text())["run_id"]
+    history = client.get_metric_history(run_id, "accuracy")
+    assert [(m.step, m.value) for m in history] == [(0, 0.1), (1, 1.1)]
+    assert client.get_metric_history(run_id, "accuracy.group_1")[0].value == 0.5
+    assert client.get_metric_history(run_id, "teacher_total.tokens")[0].value == 900
 
 
 # --- the loop itself -----------------------------------------------------------------------
@@ -125,6 +200,9 @@ def test_a_loop_spends_its_budget_round_by_round_and_reports(finished_loop, caps
     html = (run_dir / "report" / "index.html").read_text()
     assert "<svg" in html and "<script" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
     assert json.loads((run_dir / "report" / "report.json").read_text())["runs"]
+    pngs = {p.name for p in (run_dir / "report").glob("*.png")}
+    assert pngs == {"accuracy_vs_tokens.png", "accuracy_per_group.png", "budget_per_round.png"}
+    assert html.count("src='data:image/png;base64,") == 2   # the two that the SVG does not show
 
     capsys.readouterr()
     again = run_loop(recipe)   # a finished loop reruns nothing and pays nothing
@@ -199,3 +277,53 @@ def test_a_teacher_endpoint_that_goes_down_stops_the_loop_paying_nothing_and_a_r
     rounds = run_loop(load_recipe(path, schema=LoopRecipe))
     assert ledger_view(run_dir)[0]["requests"] == 4 and FakeOpenAI.served == 4
     assert rounds[1]["kept"] == 4 and rounds[1]["train_rows"] == 4
+
+
+@pytest.mark.slow
+def test_judge_vote_learnability_and_per_phase_engines_in_one_round(tiny_model, tmp_path, ray_local):
+    """The teacher grades every student answer (ledger entries of kind judge, outside the budget);
+    the worst-graded learnable seeds go to the teacher; each written problem is kept only when the
+    teacher's own answers agree (a teacher wrong 40% of the time fails some votes); every phase
+    starts its own engines; each round reaches TensorBoard."""
+    from raypost.loop.controller import run_loop
+
+    path = loop_recipe(tmp_path, tiny_model, name="judged", rounds=1,
+                       teacher={"engine": {"backend": "procedural", "batch_size": 3, "error_rate": 0.4},
+                                "sampling": {"max_tokens": 160}, "vote": {"samples": 3, "min_agree": 3}},
+                       budget={"requests": 12}, engines="per_phase", tracking={"backend": "tensorboard"},
+                       selection={"strategy": "judge", "learnability": {"samples": 2, "skip": "solved"}})
+    rounds = run_loop(load_recipe(path, schema=LoopRecipe))
+    run_dir = tmp_path / "runs" / "judged"
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    kinds = {}
+    for entry in ledger.entries.values():
+        kinds.setdefault(entry["kind"], []).append(entry)
+    # every one of the 16 seeds was graded once; grades are the simulator's (1-10)
+    assert len(kinds["judge"]) == 16 and {e["seed_id"] for e in kinds["judge"]} == {i["id"] for i in
+                                                                                     map(json.loads, (run_dir / "pool.jsonl").read_text().splitlines())}
+    grades = {e["seed_id"]: float(e["texts"][0]) for e in kinds["judge"]}
+    assert all(1 <= g <= 10 for g in grades.values())
+    # the budget: 12 requests = written problems plus their votes; judging sits outside it
+    record = rounds[1]
+    assert len(kinds["answer"]) + len(kinds["vote"]) == record["teacher_total"]["requests"] <= 12
+    assert len(kinds["vote"]) == len(kinds["answer"]) > 0 and all(len(e["texts"]) == 3 for e in kinds["vote"])
+    assert record["judge_round"]["requests"] == 16 and record["teacher_total"]["tokens"] == ledger.totals().tokens
+    # the seeds sent were the worst-graded (ties broken by id); no seed was unlearnable here
+    assert record["unlearnable"] == 0 and len(kinds["answer"]) == 6
+    picked = [e["seed_id"] for e in kinds["answer"]]
+    assert max(grades[p] for p in picked) <= min(g for s, g in grades.items() if s not in picked)
+    # votes: a problem is kept exactly when all 3 of the teacher's answers agree with its solution
+    rejected = [json.loads(line) for line in (run_dir / "round_1" / "rejected.jsonl").read_text().splitlines()]
+    assert record["kept"] + record["rejected"] == len(kinds["answer"])
+    assert all(r["reason"].startswith("vote: ") for r in rejected)
+    from raypost.evaluation.scoring import score_gsm8k
+    from raypost.tasks import arith
+
+    for entry in kinds["answer"]:
+        solution = arith.written_problem(entry["texts"][0])[1]
+        agree = sum(score_gsm8k(t, solution).correct for t in ledger.get(entry["key"] + "/vote0")["texts"])
+        assert (agree == 3) == (entry["key"] not in {r["key"] for r in rejected})
+    # per-phase engines: nothing was loaded in place, each phase paid its own start-up
+    assert record["weight_sync"] is None and record["seconds"]["engine_start"] > 0
+    assert rounds[0]["seconds"]["engine_start"] > 0
+    assert list((run_dir / "tracking" / "judged").glob("events.out.tfevents*"))

@@ -11,7 +11,6 @@ chosen/rejected pair.
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any, Literal
 
@@ -22,11 +21,8 @@ from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.curation.sources import ResponseSource
 from raypost.curation.rows import CurationLog, attach_decisions, collect, column_names, natural_key, question_text, rows_table
+from raypost.engines.judge import judge_messages, parse_grade
 
-JUDGE_PROMPT = (
-    "Rate how good the answer below is for the question, from 1 (wrong or useless) to 10 "
-    "(correct and clear). Reply with the number only.\n\nQuestion:\n{question}\n\nAnswer:\n{answer}"
-)
 SCORE_COLUMNS = {"score": pa.float64(), schema.ERROR: pa.string()}
 
 
@@ -74,16 +70,15 @@ class JudgeScorer:
         from raypost.engines import Request
 
         rows = batch.to_pylist()
-        requests = [Request(f"{r[schema.ID]}:{r['source']}", [{"role": "user", "content": JUDGE_PROMPT.format(
-            question=question_text(r[schema.MESSAGES]), answer=r["text"])}]) for r in rows]
+        requests = [Request(f"{r[schema.ID]}:{r['source']}", judge_messages(question_text(r[schema.MESSAGES]), r["text"]))
+                    for r in rows]
         from raypost.engines import generate_each
 
         for row, out in zip(rows, generate_each(self.engine, requests, self.sampling)):
             if isinstance(out, str):  # the judge could not rate it: last among equals, with its reason
                 row["score"], row[schema.ERROR] = float("-inf"), out
                 continue
-            found = re.search(r"\d+", out[0].text)
-            row["score"], row[schema.ERROR] = (float(min(10, int(found.group()))) if found else 0.0), None
+            row["score"], row[schema.ERROR] = parse_grade(out[0].text), None
         return rows_table(rows, batch.schema, SCORE_COLUMNS)
 
     def __del__(self):

@@ -10,6 +10,9 @@ For a task family with exact solutions (raypost.tasks) this engine plays that te
   new problem of the same level and digits, with its solution, as an LLM teacher would;
 - with `error_rate`, that share of answers carries a wrong step to the end (decided by a hash of
   the question and the sample, so reruns reproduce it), so verification has something to catch;
+- asked to judge an answer (`raypost.engines.judge.JUDGE_PROMPT`), it solves the question and
+  rates the answer 1-10: 10 when its final answer is right, else by how far its chain of
+  intermediate results got (`arith.grade`);
 - asked to continue an open assistant turn (a reasoning prefix, as SIPF's rollouts do), it
   writes the solution after it, its errors drawn per (question, prefix, sample): a simulator
   whose rollouts differ from prefix to prefix.
@@ -27,6 +30,7 @@ from typing import Sequence
 
 from raypost.config import EngineConfig, SamplingConfig
 from raypost.engines.base import Completion, Request
+from raypost.engines.judge import read_judge_request
 from raypost.tasks import arith
 
 FAMILIES = {"arith": arith}
@@ -52,6 +56,11 @@ class ProceduralEngine:
 
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.tokenizer, cache_dir))
 
+    @property
+    def tokenizer(self):
+        """The tokenizer that counts this engine's tokens (None: whitespace words)."""
+        return self._tokenizer
+
     def count_tokens(self, text: str) -> int:
         if self._tokenizer is None:
             return len(text.split())
@@ -64,9 +73,15 @@ class ProceduralEngine:
         prompt = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), None)
         if prompt is None:
             raise arith.ParseError("no user message to answer")
+        judged = read_judge_request(prompt)
         rewrite = self.family.is_rewrite_request(prompt)
-        problem = self.family.parse_problem(prompt)   # ParseError: the row is set aside with its reason
+        # ParseError: the row is set aside with its reason
+        problem = self.family.parse_problem(judged[0] if judged else prompt)
         prompt_tokens = sum(self.count_tokens(m["content"]) for m in request.messages)
+        if judged:
+            grade = str(self.family.grade(problem, judged[1]))
+            self.calls += 1
+            return [self._completion(grade, prompt_tokens, sampling) for _ in range(sampling.n)]
         completions = []
         prefix = request.messages[-1]["content"] if request.messages[-1]["role"] == "assistant" else None
         for k in range(sampling.n):

@@ -14,12 +14,15 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from raypost.config import EngineConfig, RecipeFile, Resources, SamplingConfig, StrictModel, existing_data_path
 from raypost.tasks.arith import SYSTEM_PROMPT, parse_levels
-from raypost.training.config import TrainConfig
+from raypost.training.config import TrackingBlock, TrainConfig
 
-# Strategies that rank by the student's own answer, by the gold answer, or by neither.
-STRATEGIES = ("loss_self", "loss_gold", "first_token_entropy", "max_cot_entropy", "margin", "random", "static")
+# Strategies that rank by the student's own answer, by the gold answer, by the teacher's grade of
+# the student's answer, by where a seed lies among the others, or by nothing.
+STRATEGIES = ("loss_self", "loss_gold", "first_token_entropy", "max_cot_entropy", "margin", "judge", "kcenter",
+              "random", "static")
 NEEDS_GOLD = {"loss_gold"}
-# Engines that can write a new problem from a seed (a model, or the procedural simulator).
+# Engines that only replay gold answers: they cannot write a new problem from a seed, grade an
+# answer, or vote on one.
 CANNOT_REWRITE = {"reference"}
 
 
@@ -70,6 +73,23 @@ class StudentConfig(StrictModel):
     resources: Resources = Field(default_factory=lambda: Resources(cpus_per_actor=0.5))
 
 
+class VoteConfig(StrictModel):
+    """Majority vote on each written problem (arXiv 2512.00884 keeps a new question when the
+    teacher's own answers agree): the teacher answers the new question `samples` times and the
+    problem is kept when at least `min_agree` of those answers match its written solution. Each
+    vote is a teacher request in the ledger, within the budget."""
+
+    samples: int = Field(3, ge=2)
+    min_agree: int = Field(2, ge=1)
+    temperature: float = Field(0.7, ge=0)
+
+    @model_validator(mode="after")
+    def _agree(self) -> "VoteConfig":
+        if self.min_agree > self.samples:
+            raise ValueError(f"min_agree {self.min_agree} is more than samples {self.samples}")
+        return self
+
+
 class TeacherConfig(StrictModel):
     model: str = Field("procedural:arith", description="a name from `models` or a model reference")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(backend="procedural"))
@@ -78,13 +98,31 @@ class TeacherConfig(StrictModel):
         "rewrite", description="rewrite: write a new problem from each seed and solve it (the paper); "
                                "answer: answer the seed itself")
     resources: Resources = Field(default_factory=lambda: Resources(cpus_per_actor=0.25))
+    vote: VoteConfig | None = Field(None, description="rewrite mode: keep a written problem when the teacher's "
+                                                      "own answers to it agree (instead of the task's solver)")
 
     @model_validator(mode="after")
     def _can_rewrite(self) -> "TeacherConfig":
         if self.mode == "rewrite" and self.engine.backend in CANNOT_REWRITE:
             raise ValueError(f"engine.backend {self.engine.backend!r} only replays gold answers and cannot write "
                              "new problems: use mode: answer, or a model or the procedural teacher")
+        if self.vote is not None and self.mode != "rewrite":
+            raise ValueError("vote checks problems the teacher wrote: it needs mode: rewrite")
         return self
+
+    @property
+    def requests_per_seed(self) -> int:
+        """A seed's request, plus one vote request per written problem."""
+        return 1 + (self.sampling.n if self.vote is not None else 0)
+
+    def worst_tokens(self, prompt_tokens: int, question_prompt_tokens: int) -> int:
+        """The most one seed can cost: the request, and its vote (whose question is at most the
+        request's whole answer, max_tokens, plus `question_prompt_tokens` of template)."""
+        sampling = self.sampling
+        worst = prompt_tokens + sampling.max_tokens * sampling.n
+        if self.vote is not None:
+            worst += sampling.n * (question_prompt_tokens + sampling.max_tokens + sampling.max_tokens * self.vote.samples)
+        return worst
 
 
 class BudgetConfig(StrictModel):
@@ -110,6 +148,16 @@ class BudgetConfig(StrictModel):
         return self
 
 
+class LearnabilityConfig(StrictModel):
+    """Skip seeds that teach nothing now (arXiv 2512.00884's learnability filters): the student
+    samples each seed `samples` times; seeds every sample solves, or none does, go last."""
+
+    samples: int = Field(4, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    skip: Literal["both", "solved", "unsolved"] = Field("both", description="solved: every sample right; "
+                                                        "unsolved: none right")
+
+
 class SelectionConfig(StrictModel):
     strategy: Literal[STRATEGIES] = "loss_self"
     reduce: Literal["mean", "sum"] = Field("mean", description="loss_self / loss_gold: mean or summed token loss")
@@ -118,6 +166,9 @@ class SelectionConfig(StrictModel):
                                                  "correctly (needs gold answers)")
     quota_by: str | None = Field(None, description="split each round's requests evenly over this group column")
     logprobs: int = Field(5, ge=1, le=20, description="top-k logprobs kept for entropy and margin")
+    learnability: LearnabilityConfig | None = None
+    embedder: Literal["minilm", "tfidf"] = Field("minilm", description="kcenter: question embeddings (MiniLM, "
+                                                 "or TF-IDF where MiniLM is not installed)")
 
 
 class EvalConfig(StrictModel):
@@ -208,6 +259,11 @@ class LoopConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     train_on: Literal["all", "new"] = Field("all", description="each round trains on all data so far, or the new")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingBlock = Field(default_factory=TrackingBlock, description="each round's record to "
+                                    "TensorBoard or MLflow (dir default <output_dir>/tracking)")
+    engines: Literal["persistent", "per_phase"] = Field(
+        "persistent", description="persistent: engines stay up for the whole loop and take new weights in place; "
+                                  "per_phase: each phase starts its own (the baseline bench/loop.py compares)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -218,10 +274,15 @@ class LoopConfig(StrictModel):
             raise ValueError("budget: the teacher budget is required (give at least one of requests, tokens, cost_usd)")
         if self.sipf is not None:
             raise ValueError("sipf: set mode: sipf to use it")
-        needs_gold = self.selection.strategy in NEEDS_GOLD or self.selection.skip_solved
+        selection = self.selection
+        needs_gold = selection.strategy in NEEDS_GOLD or selection.skip_solved or selection.learnability
         if needs_gold and not self.pool.has_gold:
-            what = "skip_solved" if self.selection.skip_solved else f"strategy {self.selection.strategy!r}"
+            what = ("skip_solved" if selection.skip_solved else "learnability" if selection.learnability
+                    else f"strategy {selection.strategy!r}")
             raise ValueError(f"selection: {what} needs gold answers and pool.answer_field is null")
+        if selection.strategy == "judge" and self.teacher.engine.backend in CANNOT_REWRITE:
+            raise ValueError(f"selection.strategy judge: the teacher grades the student's answers, and engine.backend "
+                             f"{self.teacher.engine.backend!r} cannot grade")
         if self.selection.strategy == "loss_gold" and self.student.engine.backend != "transformers":
             raise ValueError("selection.strategy loss_gold scores the gold answer with the student's own forward "
                              "pass: student.engine.backend must be transformers")
@@ -230,10 +291,14 @@ class LoopConfig(StrictModel):
                              f"pool.group_by to it (now {self.pool.group_by!r})")
         if self.budget.per_round is not None and len(self.budget.per_round) != self.rounds:
             raise ValueError(f"budget.per_round has {len(self.budget.per_round)} shares for {self.rounds} rounds")
-        worst = self.teacher.sampling.max_tokens * self.teacher.sampling.n
+        if self.budget.requests is not None and self.budget.requests < self.teacher.requests_per_seed:
+            raise ValueError(f"budget.requests {self.budget.requests} is below one teacher request and its "
+                             f"vote ({self.teacher.requests_per_seed} requests)")
+        worst = self.teacher.worst_tokens(0, 0)
         if self.budget.tokens is not None and self.budget.tokens < worst:
-            raise ValueError(f"budget.tokens {self.budget.tokens} is below one teacher request "
-                             f"(max_tokens {self.teacher.sampling.max_tokens} x n {self.teacher.sampling.n})")
+            vote = " + its vote" if self.teacher.vote else ""
+            raise ValueError(f"budget.tokens {self.budget.tokens} is below one teacher request{vote} "
+                             f"(max_tokens {self.teacher.sampling.max_tokens} x n {self.teacher.sampling.n}{vote})")
         if self.budget.cost_usd is not None and self.budget.cost_usd < worst / 1000 * self.budget.price_per_1k_tokens:
             raise ValueError(f"budget.cost_usd {self.budget.cost_usd} is below one teacher request")
         return self
@@ -241,6 +306,8 @@ class LoopConfig(StrictModel):
     def _sipf_consistent(self) -> "LoopConfig":
         if self.sipf is None:
             self.sipf = SipfConfig()
+        if self.engines != "persistent":
+            raise ValueError("engines: per_phase is a baseline of the distill loop; mode sipf keeps its engines up")
         if not self.pool.has_gold:
             raise ValueError("mode sipf labels paths by their final answer: the pool needs gold answers "
                              "(pool.answer_field)")

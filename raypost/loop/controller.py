@@ -11,6 +11,11 @@ with the ledger totals of an uninterrupted run.
 Round 0 is the base student's evaluation (0 teacher tokens). What carries over between rounds:
 the weights (each round trains from the last round's model); not the optimizer state (each round
 starts a fresh optimizer and schedule over its own steps).
+
+`engines: per_phase` is the baseline that bench/loop.py measures against: each phase that needs
+an engine starts its own and stops it at the end, the student starting from the round's weights.
+A controller can also be handed engine actors that outlive it (`engines=`), so several loops (the
+strategies of a comparison) share one start-up; it then loads its own weights before first use.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from raypost.loop import faults
 from raypost.loop.config import LoopRecipe
 from raypost.loop.ledger import Caps, Ledger, paid_entry, request_key
 from raypost.loop.strategies import Scored, rank, score_items
+from raypost.loop.tracking import RoundTracker
 from raypost.records import DataError
 
 SETTINGS_FILE = "loop.json"
@@ -104,15 +110,17 @@ def _load_items(path: str, question_field: str, answer_field: str | None, group_
 
 
 class LoopController:
-    def __init__(self, recipe: LoopRecipe, address: str | None = None, log=console.say):
+    def __init__(self, recipe: LoopRecipe, address: str | None = None, log=console.say, engines: tuple | None = None):
         self.recipe = recipe
         self.config = recipe.loop
         self.run_dir = recipe.resolved_output_dir().resolve()
         self.address = address
         self.log = lambda text: log(text)
         self.student = self.teacher = None
+        self.shared_engines = engines   # (student, teacher) actors that outlive this loop
         self.loaded_model: str | None = None
         self.base_model: str | None = None
+        self.engine_start_s = 0.0   # every engine start-up of this process, summed
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -125,27 +133,43 @@ class LoopController:
         self.pool = self._pool()
         self.eval_items = self._eval_items()
         self.base_model = str(resolve_model(self.recipe.model("student"), self.recipe.cache_dir))
-        self.engine_start_s = 0.0
+        self.tracker = RoundTracker(self.config.tracking, self.run_dir, self.recipe.name)
         self.log(f"loop {self.recipe.name}: {len(self.pool)} seeds, {len(self.eval_items)} eval items, "
                  f"strategy {self.strategy_name()}, {len(self.config.shares())} round(s)")
 
-    def _engines(self) -> None:
-        """Start the engine actors on first use: a rerun of a finished loop starts none."""
-        if self.student is not None:
+    def _engines(self, model: str | None = None, *, student: bool = True) -> None:
+        """Start the engine actors on first use: a rerun of a finished loop starts none. `model`:
+        the weights a student that is not up yet starts with (default the base model);
+        `student=False`: the teacher alone will do (the teacher phase)."""
+        if self.shared_engines is not None:
+            if self.student is None:
+                self.student, self.teacher = self.shared_engines
+                self.loaded_model = None   # whatever the last loop left in it
+            return
+        start_student = student and self.student is None
+        start_teacher = self.needs_teacher() and self.teacher is None
+        if not (start_student or start_teacher):
             return
         from raypost.loop.engines import start_engine_actor
         from raypost.runtime import ensure_ray
 
         ensure_ray(self.address)
-        cache = self.recipe.cache_dir
         started = time.perf_counter()
-        self.student = start_engine_actor(self.base_model, self.config.student.engine,
-                                          self.config.student.resources, cache)
-        self.loaded_model = self.base_model
-        if self.needs_teacher():
+        if start_student:
+            self.loaded_model = model or self.base_model
+            self.student = start_engine_actor(self.loaded_model, self.config.student.engine,
+                                              self.config.student.resources, self.recipe.cache_dir)
+        if start_teacher:
             self._start_teacher()
-        self.engine_start_s = time.perf_counter() - started
-        self.log(f"engines up in {self.engine_start_s:.1f} s")
+        elapsed = time.perf_counter() - started
+        self.engine_start_s += elapsed
+        if self.config.engines == "persistent":
+            self.log(f"engines up in {elapsed:.1f} s")
+
+    def _end_phase(self) -> None:
+        """With per-phase engines, a phase's engines stop when it ends."""
+        if self.config.engines == "per_phase" and self.shared_engines is None:
+            self.close()
 
     def needs_teacher(self) -> bool:
         return True
@@ -158,12 +182,17 @@ class LoopController:
         if teacher_engine.tokenizer:   # a name from `models`, like a stage's
             teacher_engine = teacher_engine.model_copy(
                 update={"tokenizer": self.recipe.models.lookup(teacher_engine.tokenizer)})
+        # the teacher counts a prompt's tokens before it is sent (the budget check): with its own
+        # tokenizer, or the student's where it has none (an endpoint, the simulator)
         self.teacher = start_engine_actor(self.recipe.model("teacher"), teacher_engine,
-                                          self.config.teacher.resources, cache)
+                                          self.config.teacher.resources, cache, tokenizer_of=self.base_model)
 
     def close(self) -> None:
         import ray
 
+        if self.shared_engines is not None:   # they belong to whoever started them
+            self.student = self.teacher = None
+            return
         for actor in (self.student, self.teacher):
             if actor is not None:
                 try:
@@ -179,6 +208,9 @@ class LoopController:
 
     def __exit__(self, *exc) -> None:
         self.close()
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.close()
 
     def _claim_run_dir(self) -> None:
         """A run directory holds one loop: rerunning it resumes; other settings are refused, since
@@ -271,13 +303,16 @@ class LoopController:
         if (directory / "record.json").exists():
             return
         model = self.model_after(0)
+        starts = self.engine_start_s
         evaluation = self._evaluate(0, model)
+        self._end_phase()
         record = {"round": 0, "strategy": self.strategy_name(), "model": model,
                   **self._accuracy_fields(evaluation), "teacher_round": self.ledger.totals(0).as_dict(),
                   "teacher_total": {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "tokens": 0,
                                     "cost_usd": 0.0},
-                  "seconds": {"eval": evaluation["seconds"], "engine_start": self.engine_start_s}}
+                  "seconds": {"eval": evaluation["seconds"], "engine_start": self.engine_start_s - starts}}
         _write_json(directory / "record.json", record)
+        self.tracker.log(record)
         self.log(f"round 0 ({'base student' if model == self.base_model else 'warm-up'}): accuracy {record['accuracy']:.3f} "
                  f"[{record['accuracy_ci95'][0]:.3f}, {record['accuracy_ci95'][1]:.3f}]")
 
@@ -290,26 +325,37 @@ class LoopController:
         if record is not None:
             self.log(f"round {round_index}: done before (accuracy {record['accuracy']:.3f})")
             return record
+        started, starts = time.perf_counter(), self.engine_start_s
         previous = self.model_after(round_index - 1)
         scores = self._score(round_index, previous)
+        self._end_phase()
         teacher = self._ask_teacher(round_index, scores)
+        self._end_phase()
         trained = self._train(round_index, previous)
         evaluation = self._evaluate(round_index, trained["model"])
+        self._end_phase()
         totals = self.ledger.totals()
+        syncs = [s for s in (scores.get("sync"), evaluation.get("sync")) if s]
         record = {
             "round": round_index, "strategy": self.config.selection.strategy, "model": trained["model"],
             **self._accuracy_fields(evaluation),
-            "pool_accuracy": scores.get("pool_accuracy"),
+            "pool_accuracy": scores.get("pool_accuracy"), "unlearnable": scores.get("unlearnable"),
             "teacher_round": self.ledger.totals(round_index).as_dict(), "teacher_total": totals.as_dict(),
+            "judge_round": self.ledger.totals(round_index, kinds=("judge",)).as_dict(),
             "kept": teacher["kept"], "rejected": teacher["rejected"], "train_rows": trained["rows"],
             "train_steps": trained["steps"], "train_loss": trained.get("loss"),
             "weight_sync": evaluation.get("sync"),
             "selected_groups": teacher["selected_groups"],
             "seconds": {"score": scores["seconds"], "teacher": teacher["seconds"], "train": trained["seconds"],
-                        "weight_sync": (evaluation.get("sync") or {}).get("seconds", 0.0),
-                        "eval": evaluation["seconds"]},
+                        "train_compute": trained.get("train_runtime_s", 0.0),
+                        "weight_sync": sum(s["seconds"] for s in syncs),
+                        "eval": evaluation["seconds"],
+                        # engine start-ups in this process during the round (0 on a resume that found them up)
+                        "engine_start": self.engine_start_s - starts,
+                        "round": time.perf_counter() - started},
         }
         _write_json(directory / "record.json", record)
+        self.tracker.log(record)
         self.log(f"round {round_index}: accuracy {record['accuracy']:.3f} [{record['accuracy_ci95'][0]:.3f}, "
                  f"{record['accuracy_ci95'][1]:.3f}]; teacher {record['teacher_round']['requests']} requests "
                  f"({totals.requests} in all), {record['teacher_round']['tokens']} tokens ({totals.tokens} in all); "
@@ -329,7 +375,7 @@ class LoopController:
     def _use_student(self, model: str) -> dict | None:
         import ray
 
-        self._engines()
+        self._engines(model)
         if self.loaded_model == model:
             return None
         sync = ray.get(self.student.load_weights.remote(model))
@@ -339,7 +385,6 @@ class LoopController:
     def _answer(self, actor, items: list[dict], messages, sampling: SamplingConfig) -> list[list[Completion] | str]:
         import ray
 
-        self._engines()
         requests = [Request(id=item["id"], messages=messages(item), reference=item.get("answer")) for item in items]
         return ray.get(actor.generate.remote(requests, sampling))
 
@@ -352,13 +397,14 @@ class LoopController:
             return done
         import ray
 
-        self._engines()
-        started = time.perf_counter()
+        started, starts = time.perf_counter(), self.engine_start_s
         selection = self.config.selection
         strategy = selection.strategy
-        needs_answers = strategy not in ("random", "static") or selection.skip_solved
+        needs_answers = strategy not in ("random", "static", "kcenter") or selection.skip_solved
+        sync = None
+        if needs_answers or selection.learnability:
+            sync = self._use_student(model)
         if needs_answers:
-            self._use_student(model)
             sampling = self.config.student.sampling.model_copy(update={
                 "temperature": 0.0, "n": 1, "logprobs": selection.logprobs,
                 "first_token_entropy": strategy == "first_token_entropy"})
@@ -376,17 +422,99 @@ class LoopController:
                 [i["answer"] for i in self.pool]))
             for item, loss in zip(scored, losses):
                 item.gold_loss = tuple(loss)
-        values = score_items(scored, strategy, selection.reduce, seed=self.config.seed * 1000 + round_index)
+        if strategy == "judge":
+            self._judge(round_index, scored, answers)
+        if selection.learnability:
+            self._learnability(round_index, scored)
+        embeddings = self._pool_embeddings() if strategy == "kcenter" else None
+        seed = self.config.seed * 1000 + round_index
+        values = score_items(scored, strategy, selection.reduce, seed=seed, embeddings=embeddings,
+                             taught=self._taught_before(round_index) if strategy == "kcenter" else ())
         order = rank(scored, values, skip_solved=selection.skip_solved, quota_by_group=selection.quota_by is not None,
-                     proportional=selection.proportional, seed=self.config.seed * 1000 + round_index)
+                     proportional=selection.proportional, seed=seed)
         faults.maybe_kill(self.run_dir, "score", round_index)
         judged = [s.correct for s in scored if s.correct is not None]
         result = {"order": [self.pool[i]["id"] for i in order],
                   "scores": {s.id: v for s, v in zip(scored, values)},
                   "pool_accuracy": sum(judged) / len(judged) if judged else None,
-                  "seconds": time.perf_counter() - started}
+                  "unlearnable": sum(1 for s in scored if not s.learnable) if selection.learnability else None,
+                  "sync": sync,
+                  "seconds": time.perf_counter() - started - (self.engine_start_s - starts)
+                             - (sync or {}).get("seconds", 0.0)}
         _write_json(path, result)
         return result
+
+    def _judge(self, round_index: int, scored: list[Scored], answers: list) -> None:
+        """The teacher grades each of the student's answers (1-10). Every grade is a ledger entry
+        (kind judge, outside the budget caps), so a rerun pays no grade twice."""
+        import ray
+
+        from raypost.engines.judge import judge_messages, parse_grade
+
+        self._engines(student=False)
+        sampling = SamplingConfig(temperature=0.0, max_tokens=8)
+        missing = []
+        for item, score, answer in zip(self.pool, scored, answers):
+            if isinstance(answer, str):
+                continue   # the student could not answer: nothing to grade, ranked after the graded
+            key = request_key(self.recipe.name, round_index, item["id"], kind="judge")
+            if key not in self.ledger:
+                missing.append((key, item, score))
+        batch_size = max(1, self.config.teacher.engine.batch_size)
+        for start in range(0, len(missing), batch_size):
+            batch = missing[start:start + batch_size]
+            requests = [Request(id=key, messages=judge_messages(item["question"], score.completion.text))
+                        for key, item, score in batch]
+            grades = ray.get(self.teacher.generate.remote(requests, sampling))
+            if all(isinstance(g, str) for g in grades):
+                raise StageError(f"teacher {self.recipe.model('teacher')}: every judge request of a batch failed "
+                                 f"({grades[0]}); the ledger keeps what was paid; rerun to continue")
+            self.ledger.record([paid_entry(key, round_index, item["id"], grade, kind="judge")
+                                for (key, item, _), grade in zip(batch, grades)])
+        for item, score in zip(self.pool, scored):
+            entry = self.ledger.get(request_key(self.recipe.name, round_index, item["id"], kind="judge"))
+            if entry is not None and "error" not in entry:
+                score.grade = parse_grade(entry["texts"][0])
+
+    def _learnability(self, round_index: int, scored: list[Scored]) -> None:
+        """The student samples each seed a few times; `skip` decides which verdicts make it wait."""
+        config = self.config.selection.learnability
+        sampling = self.config.student.sampling.model_copy(update={
+            "temperature": config.temperature, "n": config.samples, "logprobs": None,
+            "seed": self.config.seed * 1000 + round_index})
+        answers = self._answer(self.student, self.pool, lambda i: self._messages(i["question"]), sampling)
+        for item, score, answer in zip(self.pool, scored, answers):
+            if isinstance(answer, str):
+                continue
+            solved = sum(bool(_is_correct(c.text, item["answer"])) for c in answer)
+            too_easy = solved == len(answer) and config.skip in ("both", "solved")
+            too_hard = solved == 0 and config.skip in ("both", "unsolved")
+            score.learnable = not (too_easy or too_hard)
+
+    def _pool_embeddings(self):
+        """The pool's question embeddings, computed once per loop (in a Ray task) and kept."""
+        import numpy as np
+        import ray
+
+        from raypost.loop.strategies import embed_questions
+        from raypost.runtime import ensure_ray
+
+        path = self.run_dir / f"pool_embeddings_{self.config.selection.embedder}.npy"
+        if not path.exists():
+            ensure_ray(self.address)
+            task = ray.remote(num_cpus=0.5)(embed_questions)
+            vectors = ray.get(task.remote([i["question"] for i in self.pool], self.config.selection.embedder))
+            tmp = path.with_name(path.stem + ".tmp.npy")
+            np.save(tmp, vectors)
+            tmp.replace(path)
+        return np.load(path)
+
+    def _taught_before(self, round_index: int) -> list[int]:
+        """Indices of the pool seeds the teacher was asked about in earlier rounds."""
+        position = {item["id"]: i for i, item in enumerate(self.pool)}
+        seeds = {e["seed_id"] for e in self.ledger.entries.values()
+                 if e["round"] < round_index and e.get("kind", "answer") == "answer"}
+        return sorted(position[s] for s in seeds if s in position)
 
     def _caps(self, round_index: int) -> Caps:
         share = sum(self.config.shares()[:round_index])
@@ -412,7 +540,7 @@ class LoopController:
         done = _read_json(directory / "teacher.json")
         if done is not None:
             return done
-        started = time.perf_counter()
+        started, starts = time.perf_counter(), self.engine_start_s
         config = self.config.teacher
         sampling = config.sampling.model_copy(update={"seed": (config.sampling.seed or 0) + round_index})
         caps = self._caps(round_index)
@@ -422,19 +550,25 @@ class LoopController:
         stopped = None
         order = [by_id[i] for i in scores["order"]]
         position = 0
+        question_overhead = None   # a vote's prompt tokens besides its question (template, system prompt)
         while position < len(order) and stopped is None:
             batch: list[tuple[str, dict, int]] = []
+            self._engines(student=False)
+            if config.vote is not None:   # settle what is owed first: the votes of problems already written
+                batches = self._votes(round_index, caps, batches)
             spent = self.ledger.totals()
-            self._engines()
+            if question_overhead is None:
+                question_overhead = ray.get(self.teacher.count_tokens.remote(self._messages(""))) if config.vote else 0
             while position < len(order) and len(batch) < batch_size:
                 item = order[position]
                 key = request_key(self.recipe.name, round_index, item["id"])
                 if key in self.ledger:
                     position += 1
                     continue
-                prompt_tokens = ray.get(self.student.count_tokens.remote(self._teacher_request(item)))
-                worst = prompt_tokens + sampling.max_tokens * sampling.n
-                if not self.ledger.affords(caps, worst, [w for _, _, w in batch], spent):
+                prompt_tokens = ray.get(self.teacher.count_tokens.remote(self._teacher_request(item)))
+                # a written problem's vote is reserved with it, so it is never left unaffordable
+                worst = config.worst_tokens(prompt_tokens, question_overhead)
+                if not self.ledger.affords(caps, worst, [w for _, _, w in batch], spent, config.requests_per_seed):
                     stopped = "budget"
                     break
                 batch.append((key, item, worst))
@@ -449,22 +583,66 @@ class LoopController:
                                 for (key, item, _), answer in zip(batch, answers)])
             batches += 1
             faults.maybe_kill(self.run_dir, "teacher", round_index, batches)
+        if config.vote is not None:
+            self._engines(student=False)
+            batches = self._votes(round_index, caps, batches)
         kept, rejected, groups = self._build_data(round_index, by_id)
         result = {"kept": len(kept), "rejected": len(rejected), "stopped_by": stopped or "seeds",
-                  "selected_groups": groups, "seconds": time.perf_counter() - started}
+                  "selected_groups": groups,
+                  "seconds": time.perf_counter() - started - (self.engine_start_s - starts)}
         _write_jsonl(directory / "data.jsonl", kept)
         _write_jsonl(directory / "rejected.jsonl", rejected)
         _write_json(directory / "teacher.json", result)
         return result
 
-    def _build_data(self, round_index: int, by_id: dict[str, dict]) -> tuple[list[dict], list[dict], dict]:
-        """SFT rows from this round's paid answers, each checked: a written problem must be one the
-        family's solver reads and agrees with; an answer must match the seed's gold answer."""
+    def _votes(self, round_index: int, caps: Caps, batches: int) -> int:
+        """The teacher answers each problem it wrote this round `vote.samples` times (one ledger
+        entry, kind vote, per written problem). Returns the teacher batches sent so far."""
+        import ray
+
         from raypost.tasks import arith
 
+        config = self.config.teacher
+        vote = config.vote
+        sampling = config.sampling.model_copy(update={"n": vote.samples, "temperature": vote.temperature,
+                                                      "seed": (config.sampling.seed or 0) + round_index})
+        missing = []
+        for entry in list(self.ledger.entries.values()):
+            if entry["round"] != round_index or entry.get("kind", "answer") != "answer" or "error" in entry:
+                continue
+            for k, text in enumerate(entry["texts"]):
+                written = arith.written_problem(text)
+                key = f"{entry['key']}/vote{k}"
+                if written is not None and key not in self.ledger:
+                    missing.append((key, entry["seed_id"], written[0]))
+        batch_size = max(1, config.engine.batch_size)
+        for start in range(0, len(missing), batch_size):
+            spent, batch = self.ledger.totals(), []
+            for key, seed_id, question in missing[start:start + batch_size]:
+                messages = self._messages(question)
+                worst = ray.get(self.teacher.count_tokens.remote(messages)) + sampling.max_tokens * sampling.n
+                if self.ledger.affords(caps, worst, [w for *_, w in batch], spent):   # reserved: always, unless
+                    batch.append((key, seed_id, messages, worst))                    # a count ran over its bound
+            if not batch:
+                continue
+            answers = ray.get(self.teacher.generate.remote(
+                [Request(id=key, messages=messages) for key, _, messages, _ in batch], sampling))
+            self.ledger.record([paid_entry(key, round_index, seed_id, answer, kind="vote")
+                                for (key, seed_id, _, _), answer in zip(batch, answers)])
+            batches += 1
+            faults.maybe_kill(self.run_dir, "teacher", round_index, batches)
+        return batches
+
+    def _build_data(self, round_index: int, by_id: dict[str, dict]) -> tuple[list[dict], list[dict], dict]:
+        """SFT rows from this round's paid answers, each checked: a written problem must be one the
+        family's solver reads and agrees with (or, with `teacher.vote`, one whose answers by the
+        teacher agree with its solution); an answer must match the seed's gold answer."""
+        from raypost.tasks import arith
+
+        vote = self.config.teacher.vote
         kept, rejected, groups = [], [], {}
         for entry in self.ledger.entries.values():
-            if entry["round"] != round_index:
+            if entry["round"] != round_index or entry.get("kind", "answer") != "answer":
                 continue
             seed = by_id[entry["seed_id"]]
             groups[str(seed["group"])] = groups.get(str(seed["group"]), 0) + 1
@@ -479,13 +657,9 @@ class LoopController:
                                          "with a final '#### N'"})
                         continue
                     question, solution = written
-                    try:
-                        exact = arith.solve(arith.parse_problem(question)).text
-                    except arith.ParseError as error:
-                        rejected.append({"key": entry["key"], "sample": k, "reason": f"unreadable problem: {error}"})
-                        continue
-                    if not _is_correct(solution, exact):
-                        rejected.append({"key": entry["key"], "sample": k, "reason": "wrong solution"})
+                    reason = self._vote_verdict(entry, k, solution) if vote else self._solver_verdict(question, solution)
+                    if reason is not None:
+                        rejected.append({"key": entry["key"], "sample": k, "reason": reason})
                         continue
                 else:
                     question, solution = seed["question"], text
@@ -495,6 +669,28 @@ class LoopController:
                 kept.append({"id": f"{entry['key']}/{k}", "seed_id": seed["id"], "group": seed["group"],
                              "messages": [*self._messages(question), {"role": "assistant", "content": solution}]})
         return kept, rejected, groups
+
+    @staticmethod
+    def _solver_verdict(question: str, solution: str) -> str | None:
+        """Why the task's own solver rejects a written problem, or None when it agrees."""
+        from raypost.tasks import arith
+
+        try:
+            exact = arith.solve(arith.parse_problem(question)).text
+        except arith.ParseError as error:
+            return f"unreadable problem: {error}"
+        return None if _is_correct(solution, exact) else "wrong solution"
+
+    def _vote_verdict(self, entry: dict, sample: int, solution: str) -> str | None:
+        """Why the teacher's vote rejects a written problem, or None when enough answers agree."""
+        vote = self.config.teacher.vote
+        votes = self.ledger.get(f"{entry['key']}/vote{sample}")
+        if votes is None:
+            return "no vote: the budget ran out first"
+        if "error" in votes:
+            return f"vote failed: {votes['error']}"
+        agree = sum(bool(_is_correct(text, solution)) for text in votes["texts"])
+        return None if agree >= vote.min_agree else f"vote: {agree} of {len(votes['texts'])} answers agree"
 
     def _train(self, round_index: int, previous: str) -> dict:
         from raypost.training.train import train
@@ -524,7 +720,8 @@ class LoopController:
                         cache_dir=self.recipe.cache_dir, callbacks=[callback] if callback else None)
         losses = [h["loss"] for h in outcome.history if "loss" in h]
         result = {"model": outcome.model_dir, "rows": len(rows), "steps": outcome.steps,
-                  "loss": losses[-1] if losses else None, "seconds": time.perf_counter() - started}
+                  "loss": losses[-1] if losses else None, "seconds": time.perf_counter() - started,
+                  "train_runtime_s": outcome.metrics.get("train_runtime_s", 0.0)}
         _write_json(directory / "train.json", result)
         return result
 
@@ -533,8 +730,7 @@ class LoopController:
         done = _read_json(path)
         if done is not None:
             return done
-        self._engines()   # a start-up is not eval time
-        started = time.perf_counter()
+        started, starts = time.perf_counter(), self.engine_start_s
         sync = self._use_student(model)
         sampling = self.config.student.sampling.model_copy(update={
             "temperature": 0.0, "n": 1, "max_tokens": self.config.eval.max_tokens, "logprobs": None})
@@ -548,7 +744,9 @@ class LoopController:
         _write_jsonl(self.round_dir(round_index) / "eval_items.jsonl", per_item)
         result = {"items": len(per_item), "correct": sum(i["correct"] for i in per_item), "groups": {},
                   "failed": sum(1 for i in per_item if i["error"]), "sync": sync,
-                  "seconds": time.perf_counter() - started - (sync or {}).get("seconds", 0.0)}
+                  # a start-up or a weight sync is not eval time
+                  "seconds": time.perf_counter() - started - (self.engine_start_s - starts)
+                             - (sync or {}).get("seconds", 0.0)}
         for item in per_item:
             group = result["groups"].setdefault(str(item["group"]), {"items": 0, "correct": 0})
             group["items"] += 1

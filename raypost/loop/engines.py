@@ -45,7 +45,8 @@ class EngineActor:
         return generate_each(self.engine, requests, sampling)
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        """Prompt tokens with the student's tokenizer (for budget checks before a request is sent)."""
+        """Prompt tokens with the engine's own tokenizer, else `tokenizer_of`'s (budget checks before a
+        request is sent)."""
         from raypost.engines.chat import count_prompt_tokens
 
         if self._tokenizer is None:

@@ -9,6 +9,12 @@ collect an answer twice); that window is one batch wide.
 
 Caps are checked before sending against the request's worst case (its prompt plus max_tokens per
 sample), so the totals never pass a cap, whatever the teacher answers.
+
+Entries have a kind: `answer` (the teacher writing or answering a seed, a SIPF rollout) and `vote`
+(the teacher answering a problem it wrote, to check it) spend the budget; `judge` (the teacher
+grading the student's answer, to choose seeds) is recorded and reported the same way but sits
+outside the caps, so a judged loop gets the same data budget as the others and its selection
+cost shows beside it.
 """
 
 from __future__ import annotations
@@ -20,14 +26,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-def request_key(run: str, round_index: int, seed_id: str, attempt: int = 0) -> str:
-    return f"{run}/r{round_index}/{seed_id}/a{attempt}"
+BUDGET_KINDS = ("answer", "vote")
 
 
-def paid_entry(key: str, round_index: int, seed_id: str, answer: list[Any] | str) -> dict[str, Any]:
+def request_key(run: str, round_index: int, seed_id: str, attempt: int = 0, kind: str = "answer") -> str:
+    key = f"{run}/r{round_index}/{seed_id}/a{attempt}"
+    return key if kind == "answer" else f"{key}/{kind}"
+
+
+def paid_entry(key: str, round_index: int, seed_id: str, answer: list[Any] | str, kind: str = "answer") -> dict[str, Any]:
     """The ledger entry of one answered request: its completions (tokens, texts), or the error of
     a failed row, which reached the engine and so still counts as a request."""
-    entry = {"key": key, "round": round_index, "seed_id": seed_id, "attempt": 0}
+    entry = {"key": key, "round": round_index, "seed_id": seed_id, "attempt": 0, "kind": kind}
     if isinstance(answer, str):
         return {**entry, "prompt_tokens": 0, "completion_tokens": 0, "error": answer}
     return {**entry, "prompt_tokens": answer[0].prompt_tokens,
@@ -111,10 +121,13 @@ class Ledger:
         for entry in new:
             self.entries[entry["key"]] = entry
 
-    def totals(self, round_index: int | None = None) -> Totals:
+    def totals(self, round_index: int | None = None, kinds: tuple[str, ...] = BUDGET_KINDS) -> Totals:
+        """What the entries of `kinds` spent (default: what counts against the budget)."""
         totals = Totals()
         for entry in self.entries.values():
             if round_index is not None and entry["round"] != round_index:
+                continue
+            if entry.get("kind", "answer") not in kinds:
                 continue
             totals.requests += 1
             totals.prompt_tokens += entry["prompt_tokens"]
@@ -122,13 +135,15 @@ class Ledger:
             totals.cost_usd += entry["cost_usd"]
         return totals
 
-    def affords(self, caps: Caps, worst_tokens: int, pending: Iterable[int] = (), spent: Totals | None = None) -> bool:
-        """Whether one more request whose worst case is `worst_tokens` stays within `caps`, after
-        what is spent (`spent`, default the ledger's totals) and the requests of the batch being
-        built but not yet sent (`pending`: their worst cases)."""
+    def affords(self, caps: Caps, worst_tokens: int, pending: Iterable[int] = (), spent: Totals | None = None,
+                requests: int = 1) -> bool:
+        """Whether one more item whose worst case is `worst_tokens` stays within `caps`, after
+        what is spent (`spent`, default the ledger's totals) and the items of the batch being
+        built but not yet sent (`pending`: their worst cases). An item is `requests` requests
+        (a written problem and its votes), and so is each pending one."""
         spent = spent or self.totals()
         pending = list(pending)
         held = sum(pending) + worst_tokens
-        return (spent.requests + len(pending) + 1 <= caps.requests
+        return (spent.requests + (len(pending) + 1) * requests <= caps.requests
                 and spent.tokens + held <= caps.tokens
                 and spent.cost_usd + self.cost(held) <= caps.cost_usd + 1e-12)

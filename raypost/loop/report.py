@@ -1,5 +1,5 @@
-"""The loop's report: `report/report.json`, a self-contained `report/index.html` (inline SVG, no
-external scripts or fonts), and PNGs when matplotlib is installed. `raypost loop report RUN...`
+"""The loop's report: `report/report.json`, a self-contained `report/index.html` (inline SVG and
+PNGs as data, no external scripts or fonts), and the PNGs as files (matplotlib). `raypost loop report RUN...`
 overlays several runs (strategies, seeds) in one report."""
 
 from __future__ import annotations
@@ -67,26 +67,64 @@ def _table(label: str, rounds: list[dict]) -> str:
 
 
 def _pngs(runs: dict[str, list[dict]], directory: Path) -> list[str]:
-    try:
-        import matplotlib
+    """accuracy_vs_tokens.png (each run's rounds against its teacher tokens, 95% intervals),
+    accuracy_per_group.png (one panel per group, accuracy per round), budget_per_round.png."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    figure, axis = plt.subplots(figsize=(6, 4))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+
+    def save(figure, name):
+        figure.tight_layout()
+        figure.savefig(directory / name, dpi=100)
+        plt.close(figure)
+        names.append(name)
+
+    figure, axis = plt.subplots(figsize=(6.5, 4))
     for label, rounds in runs.items():
         x = [r["teacher_total"]["tokens"] for r in rounds]
         y = [r["accuracy"] for r in rounds]
         err = [[r["accuracy"] - r["accuracy_ci95"][0] for r in rounds], [r["accuracy_ci95"][1] - r["accuracy"] for r in rounds]]
         axis.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
-    axis.set_xlabel("teacher tokens")
-    axis.set_ylabel("held-out accuracy")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(directory / "accuracy_vs_tokens.png", dpi=100)
-    plt.close(figure)
-    return ["accuracy_vs_tokens.png"]
+    axis.set_xlabel("teacher tokens (cumulative)")
+    axis.set_ylabel("held-out accuracy (95% CI)")
+    axis.legend(fontsize=7)
+    save(figure, "accuracy_vs_tokens.png")
+
+    groups = sorted({g for rounds in runs.values() for r in rounds for g in r.get("per_group", {})}, key=str)
+    if groups:
+        figure, axes = plt.subplots(1, len(groups), figsize=(3 * len(groups), 3.2), sharey=True, squeeze=False)
+        for axis, group in zip(axes[0], groups):
+            for label, rounds in runs.items():
+                shown = [r for r in rounds if group in r.get("per_group", {})]
+                axis.plot([r["round"] for r in shown], [r["per_group"][group]["accuracy"] for r in shown],
+                          marker="o", label=label)
+            axis.set_title(f"group {group}")
+            axis.set_xlabel("round")
+        axes[0][0].set_ylabel("accuracy")
+        axes[0][-1].legend(fontsize=6)
+        save(figure, "accuracy_per_group.png")
+
+    figure, axis = plt.subplots(figsize=(6.5, 3.5))
+    width = 0.8 / max(1, len(runs))
+    for i, (label, rounds) in enumerate(runs.items()):
+        spent = [r for r in rounds if r["round"] > 0]
+        axis.bar([r["round"] + i * width for r in spent], [r["teacher_round"]["tokens"] for r in spent], width,
+                 label=label)
+    axis.set_xlabel("round")
+    axis.set_ylabel("teacher tokens this round")
+    axis.legend(fontsize=7)
+    save(figure, "budget_per_round.png")
+    return names
+
+
+def _inline_png(path: Path) -> str:
+    import base64
+
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<p><img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'/></p>"
 
 
 def render(runs: dict[str, list[dict]], directory: Path, extra: dict[str, Any] | None = None) -> Path:
@@ -94,6 +132,7 @@ def render(runs: dict[str, list[dict]], directory: Path, extra: dict[str, Any] |
     (directory / "report.json").write_text(json.dumps({"runs": runs, **(extra or {})}, indent=1, default=str))
     pngs = _pngs(runs, directory)
     body = ["<h1>raypost loop report</h1>", _svg_accuracy_vs_tokens(runs)]
+    body += [_inline_png(directory / name) for name in pngs[1:]]   # the first is the SVG above, as a file
     body += [_table(label, rounds) for label, rounds in runs.items()]
     (directory / "index.html").write_text("<!doctype html><html><head><meta charset='utf-8'><title>raypost loop"
                                           "</title></head><body>" + "".join(body) + "</body></html>")

@@ -192,6 +192,7 @@ class SipfController(LoopController):
                         "eval": evaluation["seconds"]},
         }
         _write_json(directory / "record.json", record)
+        self.tracker.log(record)
         self.log(f"round {round_index}: accuracy {record['accuracy']:.3f} [{record['accuracy_ci95'][0]:.3f}, "
                  f"{record['accuracy_ci95'][1]:.3f}]; {sampled['paths_unique']} unique paths of "
                  f"{sampled['paths_sampled']} ({sampled['paths_correct']} correct), {rollouts['rollouts']} rollouts "

@@ -5,7 +5,10 @@ Strategies follow "Towards Active Synthetic Data Generation for Finetuning Langu
 (arXiv 2512.00884), where the student's loss on its *own* greedy answer (`loss_self`, an
 uncertainty proxy) was the best criterion and beat the loss of the gold answer (`loss_gold`).
 One registry; the controller never branches on the strategy's name except for `static`, which is
-a schedule (the whole budget before any training), not a score.
+a schedule (the whole budget before any training), not a score. Two strategies need more than
+the student's answer, and the controller gathers it first: `judge` (the teacher's 1-10 grade of
+the student's answer, arXiv 2512.00884's LLM-as-judge) and `kcenter` (greedy k-center over
+question embeddings, the coreset criterion: the seed farthest from everything taught so far).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class Scored:
     completion: Completion
     correct: bool | None = None
     gold_loss: tuple[float, float] | None = None   # (mean, sum) token loss of the gold answer
+    grade: float | None = None          # the judge's 1-10 rating of `completion` (None: not graded)
+    learnable: bool = True              # the learnability filter's verdict
 
 
 def _token_losses(completion: Completion) -> list[float]:
@@ -64,8 +69,57 @@ def margin(item: Scored, reduce: str, rng: random.Random) -> float:
     return -sum(gaps) / len(gaps) if gaps else 0.0
 
 
+def judge(item: Scored, reduce: str, rng: random.Random) -> float:
+    """10 minus the teacher's grade: the worse the answer, the sooner its seed goes to the
+    teacher. An answer the judge could not grade ranks after every graded one."""
+    return -1.0 if item.grade is None else 10.0 - item.grade
+
+
 def random_score(item: Scored, reduce: str, rng: random.Random) -> float:
     return rng.random()
+
+
+def kcenter_order(vectors, centers: list[int]) -> list[int]:
+    """Greedy k-center (Sener & Savarese's coreset): repeatedly the point farthest from every
+    centre so far. `centers` are the seeds already taught; with none, the farthest from the
+    mean starts. Returns every index, the first picked first."""
+    import numpy as np
+
+    vectors = np.asarray(vectors, dtype=np.float64)
+    n = len(vectors)
+    if n == 0:
+        return []
+    if centers:
+        distance = np.full(n, np.inf)
+        for center in centers:   # one centre at a time: memory stays O(n x dim)
+            distance = np.minimum(distance, np.linalg.norm(vectors - vectors[center], axis=1))
+    else:
+        distance = np.linalg.norm(vectors - vectors.mean(axis=0), axis=1)
+    taken = np.zeros(n, dtype=bool)
+    taken[list(centers)] = True
+    order = []
+    for _ in range(n - len(set(centers))):
+        masked = np.where(taken, -np.inf, distance)
+        pick = int(np.argmax(masked))
+        order.append(pick)
+        taken[pick] = True
+        distance = np.minimum(distance, np.linalg.norm(vectors - vectors[pick], axis=1))
+    return order + [i for i in dict.fromkeys(centers)]
+
+
+def embed_questions(texts: list[str], embedder: str):
+    """L2-normalized question embeddings: MiniLM (curation's diversity embedder) or TF-IDF."""
+    import numpy as np
+
+    if embedder == "minilm":
+        from raypost.curation.diversity import MiniLMEmbedder
+
+        model = MiniLMEmbedder()
+        return np.concatenate([model.embed(texts[i:i + 64]) for i in range(0, len(texts), 64)])
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+
+    return normalize(TfidfVectorizer().fit_transform(texts)).toarray().astype(np.float32)
 
 
 SCORERS: dict[str, Callable[[Scored, str, random.Random], float]] = {
@@ -74,12 +128,22 @@ SCORERS: dict[str, Callable[[Scored, str, random.Random], float]] = {
     "first_token_entropy": first_token_entropy,
     "max_cot_entropy": max_cot_entropy,
     "margin": margin,
+    "judge": judge,
     "random": random_score,
     "static": random_score,   # the static baseline draws its seeds at random, all before training
 }
 
 
-def score_items(items: list[Scored], strategy: str, reduce: str, seed: int) -> list[float]:
+def score_items(items: list[Scored], strategy: str, reduce: str, seed: int, *, embeddings=None,
+                taught: list[int] = ()) -> list[float]:
+    """One score per item, higher = ask the teacher sooner. kcenter needs `embeddings` (one row per
+    item) and the indices already `taught`; its score is its place in the greedy order, reversed."""
+    if strategy == "kcenter":
+        order = kcenter_order(embeddings, list(taught))
+        scores = [0.0] * len(items)
+        for position, index in enumerate(order):
+            scores[index] = float(len(order) - position)
+        return scores
     rng = random.Random(seed)
     scorer = SCORERS[strategy]
     return [float(scorer(item, reduce, rng)) for item in items]
@@ -90,7 +154,7 @@ def rank(items: list[Scored], scores: list[float], *, skip_solved: bool = False,
     """Indices of `items` in the order the teacher should see them (best first).
 
     `skip_solved`: seeds the student already answers correctly go last (used only if the budget
-    outlasts every other seed). `quota_by_group`: groups take turns, each in its own score order,
+    outlasts every other seed); so do seeds the learnability filter found not `learnable`. `quota_by_group`: groups take turns, each in its own score order,
     so every group gets an even share of any prefix. `proportional`: a draw without replacement
     with probability proportional to score (shifted to be positive) instead of the top-m.
     """
@@ -106,6 +170,7 @@ def rank(items: list[Scored], scores: list[float], *, skip_solved: bool = False,
         order.sort(key=lambda i: (-scores[i], items[i].id))
     if skip_solved:
         order = [i for i in order if items[i].correct is not True] + [i for i in order if items[i].correct is True]
+    order = [i for i in order if items[i].learnable] + [i for i in order if not items[i].learnable]
     if quota_by_group:
         queues: dict[Any, list[int]] = {}
         for i in order:

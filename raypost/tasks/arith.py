@@ -215,6 +215,30 @@ def solve(problem: Problem, *, error_at: int | None = None, error_delta: int = 1
     return Solution(steps, value, error_at)
 
 
+def grade(problem: Problem, answer: str) -> int:
+    """A judge's 1-10 rating of an answer, as a strong teacher would give it: 10 for the right
+    final answer; otherwise 1 plus up to 7 for the exact intermediate results it reached, in
+    order (a chain that goes wrong late is closer than one that goes wrong at once)."""
+    from raypost.verify.math_answer import verify_math
+
+    exact = solve(problem)
+    if verify_math(answer or "", exact.text)[0]:
+        return 10
+    intermediates, value = [], problem.start
+    for op, b in problem.ops[:-1]:
+        value = {"add": value + b, "sub": value - b, "mul": value * b, "div": value / b}[op]
+        intermediates.append(value)
+    found = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", (answer or "").replace(",", ""))]
+    reached, position = 0, 0
+    for target in intermediates:
+        while position < len(found) and abs(found[position] - target) > 1e-6:
+            position += 1
+        if position == len(found):
+            break
+        reached, position = reached + 1, position + 1
+    return 1 + round(7 * reached / max(1, len(intermediates)))
+
+
 # --- Reading questions back ------------------------------------------------------------------
 
 def _pattern(template: str) -> re.Pattern:
