@@ -12,21 +12,13 @@ units for both models, resampled together (bootstrap 95% interval). The verdict 
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from raypost import records  # noqa: E402
-from raypost.evaluation.compare import bootstrap_interval, paired_bootstrap  # noqa: E402
-from raypost.evaluation.harness import item_pass_at_k  # noqa: E402
+import lab
+from raypost.evaluation.compare import bootstrap_interval, paired_bootstrap
 
 MODELS = {"student": "base", "stage-sft": "sft", "stage-kto": "sft_kto", "stage-linear": "merge_linear",
           "stage-slerp": "merge_slerp"}
@@ -34,24 +26,9 @@ CONTRASTS = [("sft", "sft_kto"), ("sft", "merge_linear"), ("sft", "merge_slerp")
              ("base", "sft")]
 
 
-def verdict(low: float, high: float) -> str:
-    return "held" if low > 0 else "not held" if high < 0 else "inconclusive"
-
-
 def run_seed(recipe: Path, seed: int, output_dir: Path) -> float:
-    overrides = [f"stages.pool.seed={seed}", f"stages.sft.seed={seed}", f"stages.kto.seed={seed}",
-                 f"name=lab-sft-kto-s{seed}", f"output_dir={output_dir}"]
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "raypost", "run", str(recipe), *overrides], cwd=REPO)
-    if result.returncode != 0:
-        print(json.dumps({"error": f"seed {seed}: raypost run exited {result.returncode}"}))
-        sys.exit(1)
-    return time.perf_counter() - started
-
-
-def per_item(eval_dir: Path, label: str) -> tuple[dict[str, float], dict[str, str]]:
-    rows = records.read_rows(eval_dir / label / "arith" / "items")
-    return item_pass_at_k(rows, 1), {r["id"]: str(r.get("subject") or "") for r in rows}
+    return lab.run_recipe(recipe, seed, [f"stages.pool.seed={seed}", f"stages.sft.seed={seed}", f"stages.kto.seed={seed}",
+                                         f"name=lab-sft-kto-s{seed}", f"output_dir={output_dir}"])
 
 
 def plot(path: Path, accuracy: dict, interval: dict, per_seed: dict) -> None:
@@ -89,12 +66,7 @@ def plot(path: Path, accuracy: dict, interval: dict, per_seed: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "lab" / "sft_kto_merge.yaml"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--output-root", default=str(REPO / "runs" / "lab-sft-kto"))
-    parser.add_argument("--plot", default=str(REPO / "docs" / "lab_sft_kto.png"))
-    args = parser.parse_args()
+    args = lab.arguments(__doc__, "sft_kto_merge.yaml", "lab-sft-kto", "lab_sft_kto.png")
 
     root = Path(args.output_root)
     seconds = {seed: round(run_seed(Path(args.recipe), seed, root / f"s{seed}"), 1) for seed in args.seeds}
@@ -106,7 +78,7 @@ def main() -> None:
         run = root / f"s{seed}"
         summary = json.loads((run / "summary.json").read_text())
         stage_seconds[seed] = {n: s.get("seconds") for n, s in summary.items() if isinstance(s, dict)}
-        results = {name: per_item(run / "eval", label) for label, name in MODELS.items()}
+        results = {name: lab.per_item(run / "eval", label) for label, name in MODELS.items()}
         shared = sorted(set.intersection(*(set(r[0]) for r in results.values())))
         for name, (scores, _) in results.items():
             units[name].extend(scores[i] for i in shared)
@@ -128,7 +100,7 @@ def main() -> None:
                                "ci95": [round(l_low, 4), round(l_high, 4)], "units": int(mask.sum())}
         contrasts[f"{b}_minus_{a}"] = {
             "diff": round(float(arrays[b].mean() - arrays[a].mean()), 4), "ci95": [round(low, 4), round(high, 4)],
-            "verdict": verdict(low, high),
+            "verdict": lab.verdict(low, high),
             "per_seed": [round(x - y, 4) for x, y in zip(per_seed[b], per_seed[a])], "by_level": by_level}
     plot(Path(args.plot), accuracy, interval, per_seed)
     print(json.dumps({"seeds": args.seeds, "units": len(levels), "accuracy": accuracy, "accuracy_ci95": interval,

@@ -76,6 +76,7 @@ class SamplingConfig(StrictModel):
     stop: list[str] = Field(default_factory=list)
     logprobs: int | None = Field(None, ge=0, le=20, description="keep per-token top-k logprobs")
     first_token_entropy: bool = False
+    token_entropies: bool = Field(False, description="transformers: the exact entropy of every generated token")
 
 
 class ModelsConfig(StrictModel):

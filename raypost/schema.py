@@ -30,7 +30,8 @@ Rejected rows (any stage): the input row's fields as JSON text plus
 
 Curation columns (added by curation steps, read by later steps and by the writers):
   verified, verify_reason                 verify: the checker's verdict and why
-  entropy, entropy_normalized             entropy_route: the student's first-token entropy
+  entropy, entropy_normalized             entropy_route: the routing signal (first-token entropy by default)
+  signals                                 entropy_route: every signal its scoring pass measured
   student_answer, student_correct
   difficulty, target, target_source       entropy_route: easy/medium/hard and the chosen target
   best, best_source, worst, worst_source, candidates    select: ranked candidate responses
@@ -70,6 +71,7 @@ WORST = "worst"
 WORST_SOURCE = "worst_source"
 CANDIDATES = "candidates"
 CLUSTER = "cluster"
+SIGNALS = "signals"
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 TOP_LOGPROB_TYPE = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
@@ -115,15 +117,22 @@ REJECTED_SCHEMA = pa.schema(
 # The columns each curation step adds, with their types (a step's output schema is its input's
 # plus these).
 VERIFY_COLUMNS = {VERIFIED: pa.bool_(), VERIFY_REASON: pa.string()}
+# entropy_route's difficulty signals: the first token's entropy under an answer-only prompt, or,
+# from the student's own greedy chain of thought, its most uncertain token, its mean token
+# entropy, and its mean token loss
+ROUTING_SIGNALS = ("first_token", "max_cot_entropy", "mean_cot_entropy", "loss")
+SIGNALS_TYPE = pa.struct([(name, pa.float64()) for name in ROUTING_SIGNALS])
 SCORE_COLUMNS = {
     ENTROPY: pa.float64(),
     ENTROPY_NORMALIZED: pa.float64(),
+    SIGNALS: SIGNALS_TYPE,
     STUDENT_ANSWER: pa.string(),
     ERROR: pa.string(),
 }
 ROUTE_COLUMNS = {
     ENTROPY: pa.float64(),
     ENTROPY_NORMALIZED: pa.float64(),
+    SIGNALS: SIGNALS_TYPE,
     STUDENT_ANSWER: pa.string(),
     STUDENT_CORRECT: pa.bool_(),
     DIFFICULTY: pa.string(),

@@ -202,6 +202,41 @@ def test_entropy_routing_split_follows_the_quantile_thresholds(ray_local, tiny_m
     assert np.isfinite(first["entropy"])
 
 
+def test_chain_of_thought_signals_are_read_from_the_students_own_reasoning(ray_local, tiny_model):
+    """signal: max_cot_entropy routes by the most uncertain token of the student's own greedy
+    chain of thought on the prompt as given; the same pass gives the mean entropy and the loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raypost.engines.chat import render_prompt
+
+    rows = routing_rows(8)
+    log = CurationLog()
+    out = rows_of(entropy_route(dataset_from_rows(rows), model=str(tiny_model), log=log, signal="max_cot_entropy",
+                                cot_max_tokens=6, low_quantile=0.25, high_quantile=0.5))
+    report = log.reports["entropy_route"]
+    assert report["signal"] == "max_cot_entropy" and report["split"] == {"easy": 2, "medium": 2, "hard": 4}
+    assert set(report["signal_roc_auc"]) == {"max_cot_entropy", "mean_cot_entropy", "loss"}
+    # recompute one row's signals from the model itself: its greedy reply, then every token's
+    # full-vocabulary entropy and the chosen tokens' loss, teacher-forced in one pass
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    row = next(r for r in out if r["id"] == "e-3")
+    prompt = tokenizer(render_prompt(tokenizer, rows[3]["messages"]), return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        generated = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        width = prompt["input_ids"].shape[1]
+        logits = model(generated).logits[0, width - 1:-1].float()
+    log_probs = torch.log_softmax(logits, -1)
+    entropies = (-(log_probs.exp() * log_probs).sum(-1)).tolist()
+    losses = (-log_probs.gather(1, generated[0, width:, None])[:, 0]).tolist()
+    assert row["student_answer"] == tokenizer.decode(generated[0, width:], skip_special_tokens=True)
+    assert row["signals"]["first_token"] is None
+    assert row["signals"]["max_cot_entropy"] == pytest.approx(max(entropies), rel=1e-3) == row["entropy"]
+    assert row["signals"]["mean_cot_entropy"] == pytest.approx(sum(entropies) / len(entropies), rel=1e-3)
+    assert row["signals"]["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-3)
+
+
 def test_entropy_routing_rejects_hard_prompts_without_a_verified_chain_of_thought(ray_local, tiny_model):
     rows = routing_rows(8, wrong_cot={2, 5})
     rows.append({**prompt_row("e-nr", "No reference here, how many?"), "response": "3", "sample_index": 0})

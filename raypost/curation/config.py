@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, model_validator
 
 from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel
+from raypost.schema import ROUTING_SIGNALS
 
 # The answer-only prompt of arXiv 2506.21220, for the student's first-token entropy.
 DEFAULT_ANSWER_PROMPT = "{question}\n\nAnswer with the final answer only, no explanation."
@@ -62,6 +63,11 @@ class EntropyRouteStep(StrictModel):
                                  description="always run with the transformers backend: exact full-vocabulary entropy")
     answer_prompt: str = DEFAULT_ANSWER_PROMPT
     answer_max_tokens: int = Field(16, ge=1, description="tokens of the student's answer kept to check it")
+    signal: Literal[ROUTING_SIGNALS] = Field(
+        "first_token", description="first_token: entropy of the first token of an answer-only reply (the paper); "
+                                   "max_cot_entropy / mean_cot_entropy / loss: from the student's own greedy chain of "
+                                   "thought (one pass measures all three)")
+    cot_max_tokens: int = Field(256, ge=1, description="CoT signals: the student's chain of thought, at most this long")
     low_quantile: float = Field(0.25, ge=0, le=1)
     high_quantile: float = Field(0.75, ge=0, le=1)
     teacher: TeacherCoTConfig = Field(default_factory=TeacherCoTConfig)

@@ -7,6 +7,14 @@ ranks prompts by difficulty. Normalized by ln(vocabulary size) and cut at quanti
 thought as the training target; easy and medium ones get the short answer. The paper reports
 entropy predicting the student's errors with ROC AUC 0.73 and 81% less distillation data; we
 report the AUC and the savings measured on the data given.
+
+`signal` picks what ranks difficulty: `first_token` (the paper's), or one of three read from the
+student's own greedy chain of thought on the prompt as given (one pass measures all three):
+`max_cot_entropy` (its most uncertain token), `mean_cot_entropy`, `loss` (mean token loss of its
+own answer). On the testbed at 135M the first token predicted errors weakly (AUC 0.56-0.65) and the
+chain of thought's maximum entropy well (0.82-0.84 within a level). The student is then checked on
+the answer its pass gave (the short reply, or the chain of thought's final answer); the report
+gives every measured signal's AUC against that.
 """
 
 from __future__ import annotations
@@ -30,31 +38,57 @@ def answer_only_messages(messages: list[dict[str, str]], answer_prompt: str = DE
     return [{"role": "user", "content": answer_prompt.format(question=question_text(messages))}]
 
 
-class EntropyScorer:
-    """Ray Data actor: the student's answer-only greedy output and its first-token entropy."""
+def cot_signals(completion) -> dict[str, float | None]:
+    """The chain-of-thought signals of one greedy completion (exact token entropies, the chosen
+    tokens' log-probabilities)."""
+    entropies = completion.token_entropies or []
+    losses = [-t.logprob for t in completion.logprobs or []]
+    return {"first_token": None,
+            "max_cot_entropy": max(entropies) if entropies else None,
+            "mean_cot_entropy": sum(entropies) / len(entropies) if entropies else None,
+            "loss": sum(losses) / len(losses) if losses else None}
 
-    def __init__(self, model: str, engine: dict[str, Any], answer_prompt: str, max_tokens: int, cache_dir: str | None):
+
+class EntropyScorer:
+    """Ray Data actor: the student's greedy reply and the routing signal it gives: the answer-only
+    reply's first-token entropy, or its own chain of thought's signals."""
+
+    def __init__(self, model: str, engine: dict[str, Any], answer_prompt: str, max_tokens: int, cache_dir: str | None,
+                 signal: str = "first_token", cot_max_tokens: int = 256):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from raypost.engines import build_engine
 
         config = EngineConfig.model_validate({**engine, "backend": "transformers"})
         self.engine = build_engine(model, config, cache_dir)
         self.log_vocab = math.log(self.engine.hf_model.config.vocab_size)
-        self.sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens, first_token_entropy=True)
+        self.signal = signal
+        if signal == "first_token":
+            self.sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens, first_token_entropy=True)
+        else:
+            self.sampling = SamplingConfig(temperature=0.0, max_tokens=cot_max_tokens, token_entropies=True, logprobs=0)
         self.answer_prompt = answer_prompt
+
+    def _messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        return answer_only_messages(messages, self.answer_prompt) if self.signal == "first_token" else list(messages)
 
     def __call__(self, batch) -> pa.Table:
         from raypost.engines import Request
 
         rows = batch_rows(batch)
-        requests = [Request(str(r[schema.ID]), answer_only_messages(r[schema.MESSAGES], self.answer_prompt)) for r in rows]
+        requests = [Request(str(r[schema.ID]), self._messages(r[schema.MESSAGES])) for r in rows]
         from raypost.engines import generate_each
 
         outputs = [out if isinstance(out, str) else out[0] for out in generate_each(self.engine, requests, self.sampling)]
         for row, out in zip(rows, outputs):
             failed = isinstance(out, str)
-            row[schema.ENTROPY] = None if failed else out.first_token_entropy
-            row[schema.ENTROPY_NORMALIZED] = None if failed else out.first_token_entropy / self.log_vocab
+            signals = None
+            if not failed:
+                signals = ({**dict.fromkeys(schema.ROUTING_SIGNALS), "first_token": out.first_token_entropy}
+                           if self.signal == "first_token" else cot_signals(out))
+            value = None if failed else signals[self.signal]
+            row[schema.ENTROPY] = value
+            row[schema.ENTROPY_NORMALIZED] = None if value is None else value / self.log_vocab
+            row[schema.SIGNALS] = signals
             row[schema.STUDENT_ANSWER] = None if failed else out.text
             row[schema.ERROR] = out if failed else None
         return rows_table(rows, batch.schema if isinstance(batch, pa.Table) else None, schema.SCORE_COLUMNS)
@@ -66,11 +100,14 @@ class EntropyScorer:
 
 
 def score_entropy(dataset, *, model: str, engine: EngineConfig | None = None, answer_prompt: str = DEFAULT_ANSWER_PROMPT,
-                  max_tokens: int = 16, resources: Resources | None = None, cache_dir: str | None = None):
-    """Add `entropy` (nats), `entropy_normalized` (/ ln V), `student_answer`, `error` to each row.
+                  max_tokens: int = 16, resources: Resources | None = None, cache_dir: str | None = None,
+                  signal: str = "first_token", cot_max_tokens: int = 256):
+    """Add `entropy` (the routing signal, nats), `entropy_normalized` (/ ln V), `signals` (every
+    signal the pass measured), `student_answer`, `error` to each row.
 
-    Pass one row per prompt. The entropy is always the first token's; max_tokens only bounds the
-    answer text kept for checking the student (1 is enough for routing alone).
+    Pass one row per prompt. With `first_token`, max_tokens only bounds the answer text kept for
+    checking the student (1 is enough for routing alone); the CoT signals read up to
+    `cot_max_tokens` of the student's own reasoning.
     """
     import ray
 
@@ -79,7 +116,8 @@ def score_entropy(dataset, *, model: str, engine: EngineConfig | None = None, an
     return dataset.map_batches(
         EntropyScorer,
         fn_constructor_kwargs=dict(model=model, engine=engine.model_dump(), answer_prompt=answer_prompt,
-                                   max_tokens=max_tokens, cache_dir=cache_dir),
+                                   max_tokens=max_tokens, cache_dir=cache_dir, signal=signal,
+                                   cot_max_tokens=cot_max_tokens),
         batch_size=engine.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
@@ -116,16 +154,19 @@ def _short_answer(reference: str | None, template: str) -> str | None:
     return None if answer is None or str(answer).strip() == "" else template.format(answer=answer)
 
 
-def _student_correct(answer: str | None, reference: str | None) -> bool | None:
-    """The student's answer-only reply checked against the reference.
+def _student_correct(answer: str | None, reference: str | None, answer_only: bool = True) -> bool | None:
+    """The student's reply checked against the reference.
 
-    Only its first paragraph with a number counts: a small model that has answered often goes on
-    to invent the next question (a few-shot prompt invites it), whose numbers are not its answer.
+    An answer-only reply counts by its first paragraph with a number: a small model that has
+    answered often goes on to invent the next question (a few-shot prompt invites it), whose
+    numbers are not its answer. A chain of thought counts by its final answer.
     """
     from raypost.verify.math_answer import verify_math
 
     if reference is None or answer is None:
         return None
+    if not answer_only:
+        return bool(verify_math(answer, reference)[0])
     paragraphs = [p for p in answer.split("\n\n") if any(ch.isdigit() for ch in p)]
     return bool(verify_math(paragraphs[0] if paragraphs else answer, reference)[0])
 
@@ -159,8 +200,10 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
                   answer_max_tokens: int = 16, low_quantile: float = 0.25, high_quantile: float = 0.75,
                   teacher: ResponseSource | None = None, short_answer_template: str = "#### {answer}",
                   require_verified_cot: bool = True, resources: Resources | None = None,
-                  cache_dir: str | None = None, log: CurationLog | None = None):
-    """Score prompts by the student's first-token entropy, label difficulty, pick each training target.
+                  cache_dir: str | None = None, log: CurationLog | None = None, signal: str = "first_token",
+                  cot_max_tokens: int = 256):
+    """Score prompts by the student's `signal` (first-token entropy by default), label difficulty,
+    pick each training target.
 
     Returns one row per prompt id with `entropy`, `entropy_normalized`, `student_answer`,
     `student_correct`, `difficulty` (easy/medium/hard), `target` (the text to train on) and
@@ -178,7 +221,8 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
         by_id.setdefault(str(row[schema.ID]), []).append(row)
 
     score, scoring_seconds = _student_scores(by_id, model=model, engine=engine, answer_prompt=answer_prompt,
-                                             max_tokens=answer_max_tokens, resources=resources, cache_dir=cache_dir)
+                                             max_tokens=answer_max_tokens, resources=resources, cache_dir=cache_dir,
+                                             signal=signal, cot_max_tokens=cot_max_tokens)
     failed = {i for i in by_id if score.get(i, {}).get(schema.ENTROPY) is None}
     for i in failed:
         for row in by_id[i]:
@@ -191,7 +235,8 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
     # quantile thresholds over the whole dataset
     low, high = difficulty_thresholds([score[i][schema.ENTROPY_NORMALIZED] for i in ids], low_quantile, high_quantile)
     difficulty = {i: difficulty_of(score[i][schema.ENTROPY_NORMALIZED], low, high) for i in ids}
-    correct = {i: _student_correct(score[i][schema.STUDENT_ANSWER], by_id[i][0].get(schema.REFERENCE)) for i in ids}
+    correct = {i: _student_correct(score[i][schema.STUDENT_ANSWER], by_id[i][0].get(schema.REFERENCE),
+                                   answer_only=signal == "first_token") for i in ids}
     hard = [i for i in ids if difficulty[i] == "hard"]
 
     # the teacher's chain of thought: generated for hard prompts only; read for all when it
@@ -220,7 +265,11 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
         "student_accuracy_by_difficulty": {
             d: (round(sum(1 for i in checked if difficulty[i] == d and correct[i])
                       / max(1, sum(1 for i in checked if difficulty[i] == d)), 4)) for d in counts},
+        "signal": signal,
         "entropy_roc_auc": entropy_auc([score[i][schema.ENTROPY] for i in ids], [correct[i] for i in ids]),
+        "signal_roc_auc": {name: entropy_auc([score[i][schema.SIGNALS][name] for i in ids], [correct[i] for i in ids])
+                           for name in schema.ROUTING_SIGNALS
+                           if any(score[i][schema.SIGNALS][name] is not None for i in ids)},
         "auc_prompts": len(checked),
         "teacher_source": teacher.from_,
         **_savings(ids, difficulty, cot_candidates, cot_tokens, generated_tokens, teacher),
@@ -233,7 +282,7 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
 
 
 def _student_scores(by_id: dict[str, list[dict[str, Any]]], *, model, engine, answer_prompt, max_tokens, resources,
-                    cache_dir) -> tuple[dict[str, dict[str, Any]], float]:
+                    cache_dir, signal, cot_max_tokens) -> tuple[dict[str, dict[str, Any]], float]:
     """The student's entropy (and short answer), one row per prompt, on engine actors."""
     import ray
 
@@ -241,7 +290,7 @@ def _student_scores(by_id: dict[str, list[dict[str, Any]]], *, model, engine, an
     started = time.perf_counter()
     scored = collect(score_entropy(ray.data.from_arrow(pa.Table.from_pylist(units)), model=model, engine=engine,
                                    answer_prompt=answer_prompt, max_tokens=max_tokens, resources=resources,
-                                   cache_dir=cache_dir)).to_pylist()
+                                   cache_dir=cache_dir, signal=signal, cot_max_tokens=cot_max_tokens)).to_pylist()
     return {str(r[schema.ID]): r for r in scored}, time.perf_counter() - started
 
 
@@ -275,6 +324,7 @@ def _choose_targets(ids, by_id, score, difficulty, correct, cot_candidates, teac
             "sample": base.get(schema.SAMPLE_INDEX),
             schema.ENTROPY: score[i][schema.ENTROPY],
             schema.ENTROPY_NORMALIZED: score[i][schema.ENTROPY_NORMALIZED],
+            schema.SIGNALS: score[i][schema.SIGNALS],
             schema.STUDENT_ANSWER: score[i][schema.STUDENT_ANSWER],
             schema.STUDENT_CORRECT: correct[i],
             schema.DIFFICULTY: difficulty[i],

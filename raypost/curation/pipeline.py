@@ -123,7 +123,7 @@ def _entropy_route(dataset, step: cfg.EntropyRouteStep, ctx: StepContext):
                          low_quantile=step.low_quantile, high_quantile=step.high_quantile, teacher=teacher,
                          short_answer_template=step.short_answer_template,
                          require_verified_cot=step.require_verified_cot, resources=ctx.resources,
-                         cache_dir=ctx.cache_dir, log=ctx.log)
+                         cache_dir=ctx.cache_dir, log=ctx.log, signal=step.signal, cot_max_tokens=step.cot_max_tokens)
 
 
 @step_runner("select")

@@ -42,6 +42,8 @@ class Completion:
     # Shannon entropy (nats) of the first generated token's distribution: exact over the full
     # vocabulary for transformers; for vLLM and OpenAI, estimated from the top-k logprobs.
     first_token_entropy: float | None = None
+    # transformers with sampling.token_entropies: every generated token's exact entropy (nats)
+    token_entropies: list[float] | None = None
 
 
 @runtime_checkable

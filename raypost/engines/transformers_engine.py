@@ -53,7 +53,7 @@ class TransformersEngine:
         prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
         width = encoded["input_ids"].shape[1]
         max_new = max(1, min(sampling.max_tokens, self.max_model_len - width))
-        want_scores = sampling.logprobs is not None or sampling.first_token_entropy
+        want_scores = sampling.logprobs is not None or sampling.first_token_entropy or sampling.token_entropies
         kwargs = dict(
             max_new_tokens=max_new,
             num_return_sequences=sampling.n,
@@ -89,6 +89,8 @@ class TransformersEngine:
                     logits = [step[row] for step in output.logits[: max(length, 1)]]
                     if sampling.first_token_entropy:
                         completion.first_token_entropy = entropy_from_logits(logits[0])
+                    if sampling.token_entropies:
+                        completion.token_entropies = [entropy_from_logits(step) for step in logits[:length]]
                     if sampling.logprobs is not None:
                         completion.logprobs = self._token_logprobs(tokens[:length], logits, sampling.logprobs)
                 samples.append(completion)

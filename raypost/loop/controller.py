@@ -215,7 +215,8 @@ class LoopController:
     def _claim_run_dir(self) -> None:
         """A run directory holds one loop: rerunning it resumes; other settings are refused, since
         its ledger and data belong to the first."""
-        settings = self.recipe.loop.model_dump(mode="json")
+        # how engines live and where records are tracked change no result: a rerun may change them
+        settings = self.recipe.loop.model_dump(mode="json", exclude={"engines", "tracking"})
         settings["student_model"] = self.recipe.model("student")
         settings["teacher_model"] = self.recipe.model("teacher")
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

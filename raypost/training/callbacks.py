@@ -116,6 +116,12 @@ class RayTrainReportCallback(TrainerCallback):
                 detail += f" {metrics['tokens_per_s']:.0f} tok/s"
             console.worker_progress("train", state.global_step, state.max_steps, detail)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # the export follows the last step at once: a checkpoint of that step (weights, optimizer
+        # and scheduler states, ~12 bytes a parameter) would be written only to be superseded
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_save = False
+
     def on_save(self, args, state, control, **kwargs):
         import ray.train
         import torch.distributed as dist

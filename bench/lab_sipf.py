@@ -1,0 +1,152 @@
+"""The claim of arXiv 2412.08393 on the testbed: SFT, then rounds of self-iterative preference
+with process feedback, against the outcome-only ablation with the same samples.
+
+    python bench/lab_sipf.py [--seeds 1 2 3] [--output-root DIR] [--plot FILE] [a.b=value ...]
+
+For each seed (pool, sampling and training seeded), one vLLM student serves both loops of
+recipes/lab/sipf_process_vs_outcome.yaml: the process-feedback loop (its round 0 is the SFT
+warm-up, the baseline), then the outcome-only loop starting from that same warm-up model (no
+second warm-up), so both share round 0 exactly. A loop already finished under --output-root is
+read back, not rerun. Every round is scored on the same held-out items; contrasts are paired over
+(seed, item) units (bootstrap 95% interval), with the verdict "held" when the interval lies above
+zero, "not held" when below, else "inconclusive". Writes the overlay report of every run and a PNG
+of accuracy per round, and prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import lab
+from raypost.evaluation.compare import bootstrap_interval
+
+VARIANTS = ("process", "outcome")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_seed(recipe_path: Path, seed: int, root: Path, overrides: list[str]) -> dict[str, float]:
+    from raypost.loop.config import LoopRecipe
+    from raypost.loop.engines import start_engine_actor
+    from raypost.loop.sipf import SipfController
+    from raypost.models import resolve_model
+    from raypost.recipe import load_recipe
+    from raypost.runtime import ensure_ray
+
+    common = [f"loop.pool.synth.seed={seed}", f"loop.seed={seed}", f"loop.train.seed={seed}",
+              f"loop.sipf.warmup.seed={seed}", f"output_dir={root}/{{name}}", *overrides]
+    process = load_recipe(recipe_path, [*common, f"name=lab-sipf-process-s{seed}", "loop.sipf.reward=process"],
+                          schema=LoopRecipe)
+    seconds: dict[str, float] = {}
+    student = None
+
+    def engines():
+        nonlocal student
+        if student is None:
+            ensure_ray(None)
+            base = str(resolve_model(process.model("student"), process.cache_dir))
+            started = time.perf_counter()
+            student = start_engine_actor(base, process.loop.student.engine, process.loop.student.resources,
+                                         process.cache_dir)
+            seconds["engine_start"] = round(time.perf_counter() - started, 1)
+        return student, None
+
+    try:
+        if not _finished(process):
+            started = time.perf_counter()
+            with SipfController(process, engines=engines()) as controller:
+                controller.run()
+            seconds["process"] = round(time.perf_counter() - started, 1)
+        warmed = json.loads((process.resolved_output_dir() / "round_0" / "train.json").read_text())["model"]
+        outcome = load_recipe(recipe_path, [*common, f"name=lab-sipf-outcome-s{seed}", "loop.sipf.reward=outcome",
+                                            "loop.sipf.warmup=null", "loop.sipf.warmup_pool=null",
+                                            f"models.student={warmed}"], schema=LoopRecipe)
+        if not _finished(outcome):
+            started = time.perf_counter()
+            with SipfController(outcome, engines=engines()) as controller:
+                controller.run()
+            seconds["outcome"] = round(time.perf_counter() - started, 1)
+    finally:
+        if student is not None:
+            import ray
+
+            ray.get(student.close.remote(), timeout=120)
+            ray.kill(student)
+    return seconds
+
+
+def _finished(recipe) -> bool:
+    return len(_rows(recipe.resolved_output_dir() / "rounds.jsonl")) == recipe.loop.rounds + 1
+
+
+def main() -> None:
+    args = lab.arguments(__doc__, "sipf_process_vs_outcome.yaml", "lab-sipf", "lab_sipf.png", overrides=True)
+
+    from raypost.loop.report import render
+
+    root = Path(args.output_root)
+    started = time.perf_counter()
+    seconds, runs = {}, {}
+    correct: dict[tuple[str, int], list[float]] = {}   # (variant, round) -> per (seed, item) correctness
+    records: dict[str, list[list[dict]]] = {v: [] for v in VARIANTS}
+    for seed in args.seeds:
+        seconds[seed] = run_seed(Path(args.recipe), seed, root, args.overrides)
+        for variant in VARIANTS:
+            run_dir = root / f"lab-sipf-{variant}-s{seed}"
+            rounds = _rows(run_dir / "rounds.jsonl")
+            runs[f"{variant} s{seed}"] = rounds
+            records[variant].append(rounds)
+            for record in rounds:
+                items = sorted(_rows(run_dir / f"round_{record['round']}" / "eval_items.jsonl"), key=lambda i: i["id"])
+                correct.setdefault((variant, record["round"]), []).extend(float(i["correct"]) for i in items)
+    render(runs, root / "report")
+    arrays = {key: np.asarray(values) for key, values in correct.items()}
+    last = max(r for _, r in arrays)
+    out: dict = {"seeds": args.seeds, "rounds": last, "accuracy": {}, "accuracy_ci95": {}, "per_seed": {},
+                 "pairs": {}, "rollout_tokens": {}}
+    for variant in VARIANTS:
+        out["accuracy"][variant] = {r: round(float(arrays[(variant, r)].mean()), 4) for r in range(last + 1)}
+        out["accuracy_ci95"][variant] = {r: [round(x, 4) for x in bootstrap_interval(arrays[(variant, r)])]
+                                         for r in range(last + 1)}
+        out["per_seed"][variant] = [[round(rec["accuracy"], 4) for rec in rounds] for rounds in records[variant]]
+        out["pairs"][variant] = [[rec.get("pairs") for rec in rounds[1:]] for rounds in records[variant]]
+        out["rollout_tokens"][variant] = [rounds[-1]["teacher_total"]["tokens"] for rounds in records[variant]]
+    sft = arrays[("process", 0)]
+    contrasts = {f"{variant}_round{r}_minus_sft": lab.contrast(sft, arrays[(variant, r)])
+                 for variant in VARIANTS for r in range(1, last + 1)}
+    contrasts.update({f"process_minus_outcome_round{r}": lab.contrast(arrays[("outcome", r)], arrays[("process", r)])
+                      for r in range(1, last + 1)})
+    out["contrasts"] = contrasts
+    out["units"] = int(len(sft))
+    out["seconds"] = seconds
+    out["lab_seconds"] = round(time.perf_counter() - started, 1)
+    plot(Path(args.plot), out)
+    out["plot"] = args.plot
+    out["report"] = str(root / "report" / "index.html")
+    print(json.dumps(out))
+
+
+def plot(path: Path, out: dict) -> None:
+    figure, axis = lab.pyplot().subplots(figsize=(6.5, 3.8))
+    for offset, variant in zip((-0.05, 0.05), VARIANTS):
+        rounds = sorted(out["accuracy"][variant])
+        means = [out["accuracy"][variant][r] for r in rounds]
+        low = [means[i] - out["accuracy_ci95"][variant][r][0] for i, r in enumerate(rounds)]
+        high = [out["accuracy_ci95"][variant][r][1] - means[i] for i, r in enumerate(rounds)]
+        axis.errorbar([r + offset for r in rounds], means, yerr=[low, high], marker="o", capsize=3, label=variant)
+    axis.set_xticks(sorted(out["accuracy"]["process"]))
+    axis.set_xlabel("round (0 = SFT warm-up)")
+    axis.set_ylabel("held-out accuracy (95% CI)")
+    axis.set_title(f"SIPF: process vs outcome feedback ({len(out['seeds'])} seeds pooled)", fontsize=9)
+    axis.legend()
+    lab.save(figure, path)
+
+
+if __name__ == "__main__":
+    main()
