@@ -79,6 +79,8 @@ def test_pairs_take_the_widest_gaps_first_and_fresh_paths_before_reused_ones():
     ({"sipf": {"split": {"by": "regex", "pattern": "("}}}, "pattern '(':"),
     ({"pool": {"path": "pool.jsonl", "answer_field": None}}, "the pool needs gold answers"),
     ({"sipf": {"warmup_pool": {"synth": {"n": 8, "levels": "1", "seed": 4}}}}, "warmup_pool is given but warmup is not"),
+    ({"sipf": {"verifier": "code"}}, "sipf.verifier code runs each path against its task's tests: the pool needs them"),
+    ({"pool": {"path": "pool.jsonl", "format": "mbpp"}}, "pool.format mbpp holds code tasks: set sipf.verifier: code"),
 ])
 def test_a_sipf_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change, message):
     (tmp_path / "pool.jsonl").write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
@@ -101,6 +103,68 @@ def test_raypost_sipf_refuses_a_distill_loop(tmp_path, capsys):
     path.write_text(yaml.safe_dump(spec))
     assert main(["sipf", str(path)]) == 2
     assert "loop.mode is 'distill': run it with `raypost loop`" in capsys.readouterr().err
+
+
+MBPP_TASKS = [
+    {"task_id": 601, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
+     "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "test_setup_code": ""},
+    {"task_id": 602, "text": "Write a function to double a number.", "code": "def double(x):\n    return 2 * x",
+     "test_list": ["assert double(4) == 8"], "test_setup_code": ""},
+    {"task_id": 603, "text": "Write a function with no tests.", "code": "def f():\n    pass", "test_list": [],
+     "test_setup_code": ""},
+]
+
+
+def test_code_answers_pass_only_when_their_tests_run_to_the_end_and_near_copies_are_duplicates():
+    from raypost.loop.checks import CodeCheck
+
+    item = {"kind": "code", "tests": {"format": "mbpp", "test_list": MBPP_TASKS[0]["test_list"]}}
+    good = "[BEGIN]\ndef add(a, b):\n    return a + b\n[DONE]"
+    wrong = "[BEGIN]\ndef add(a, b):\n    return a - b\n[DONE]"
+    early_exit = "[BEGIN]\nimport sys\ndef add(a, b):\n    sys.exit(0)\n[DONE]"
+    fenced = "Here:\n```python\ndef add(a, b):\n    return b + a\n```"
+    check = CodeCheck()
+    assert check.check_many(item, [good, wrong, early_exit, fenced]) == [True, False, False, True]
+    assert check.unusable(item) is None and check.unusable({"kind": "code", "tests": {}}) == "a code task without tests"
+    # a renamed variable is within 10% of the text's length; another body is not
+    renamed = good.replace("a, b", "x, b").replace("a + b", "x + b")
+    assert check.duplicate(renamed, [good], 0.1) and not check.duplicate(wrong + "\n# try again", [good], 0.01)
+    assert not check.duplicate("[BEGIN]\nimport math\ndef add(a, b):\n    return math.fsum([a, b])\n[DONE]",
+                               [good], 0.1)
+
+
+@pytest.mark.slow
+def test_a_sipf_round_on_code_tasks_checks_paths_and_rollouts_in_the_sandbox(tiny_model, tmp_path, ray_local):
+    """MBPP-format tasks: every sampled program and every rollout is run against its task's tests
+    in the sandbox; a task without tests is set aside at load with its reason; the eval set is
+    checked the same way."""
+    from raypost.loop.controller import run_loop
+
+    pool = tmp_path / "mbpp.jsonl"
+    pool.write_text("".join(json.dumps(t) + "\n" for t in MBPP_TASKS))
+    code_tasks = {"path": str(pool), "format": "mbpp", "group_by": None}
+    path = sipf_recipe(tmp_path, tiny_model, name="code", pool=code_tasks,
+                       eval={"path": str(pool), "format": "mbpp", "max_tokens": 16, "limit": None, "group_by": None},
+                       sipf={"verifier": "code", "simulator": "student", "n": 2, "k": 2, "max_tokens": 24,
+                             "rollout_max_tokens": 12, "split": {"by": "regex", "pattern": r"(?:\S+\s+){4}"}})
+    spec = yaml.safe_load(path.read_text())
+    spec["loop"]["pool"] = code_tasks   # instead of the synth pool
+    del spec["loop"]["teacher"]
+    path.write_text(yaml.safe_dump(spec))
+    rounds = run_loop(load_recipe(path, schema=LoopRecipe))
+    run_dir = tmp_path / "runs" / "code"
+    rejected = _rows(run_dir / "rejected" / "pool.jsonl")
+    assert len(rejected) == 1 and "test_list" in rejected[0]["reason"]
+    assert [r["id"] for r in _rows(run_dir / "pool.jsonl")] == ["mbpp/601", "mbpp/602"]
+    paths = _rows(run_dir / "round_1" / "paths.jsonl")
+    assert paths and {p["question_id"] for p in paths} <= {"mbpp/601", "mbpp/602"}
+    # a random tiny model writes no working code: every path and rollout fails its tests
+    assert not any(p["correct"] for p in paths)
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    labelled = _rows(run_dir / "round_1" / "labelled.jsonl")
+    assert ledger.entries and all(v == 0.0 for p in labelled for v in p["values"])
+    assert rounds[1]["pairs"] == 0 and rounds[1]["train_steps"] == 0   # nothing to prefer: unchanged
+    assert rounds[0]["eval_items"] == 2 and rounds[1]["accuracy"] == 0.0
 
 
 # --- a real round --------------------------------------------------------------------------

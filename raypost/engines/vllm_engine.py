@@ -124,16 +124,18 @@ class VLLMEngine:
         from raypost.engines.shm_cleanup import segment_clock
 
         self.started_at = segment_clock()
-        self.llm = LLM(model=str(model_path), **vllm_engine_kwargs(config, tensor_parallel_size))
+        from raypost.engines.vllm_weights import EXTENSION
+
+        kwargs = {"worker_extension_cls": EXTENSION, **vllm_engine_kwargs(config, tensor_parallel_size)}
+        self.llm = LLM(model=str(model_path), **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
     def load_weights(self, model_path: str) -> None:
         """New weights of the same architecture into the running engine, in place: no new engine
-        start. Every worker reloads from the checkpoint with vLLM's own in-place reload, which
-        undoes and redoes the kernel repacking done after the first load (on CPU the linear
-        layers' weights are repacked, so a plain `model.load_weights` finds empty parameters).
-        Cached prefixes were computed with the old weights."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
+        start. Every worker reloads from the checkpoint with vLLM's own in-place reload and ties
+        tied embeddings again (raypost/engines/vllm_weights.py says why). Cached prefixes were
+        computed with the old weights."""
+        self.llm.collective_rpc("raypost_reload_weights", kwargs={"weights_path": str(model_path)})
         self.llm.reset_prefix_cache()
 
     def generate(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Completion]]:

@@ -41,11 +41,16 @@ class PoolSynth(StrictModel):
 
 
 class PoolConfig(StrictModel):
-    """Seed questions: a GSM8K-format JSONL (`question`, `answer`, optional group column) or a
-    `synth` spec of the testbed."""
+    """Seed questions: a GSM8K-format JSONL (`question`, `answer`, optional group column), an
+    MBPP file (`format: mbpp`: tasks with their tests, checked in the sandbox), or a `synth` spec of
+    the testbed."""
 
     path: str | None = None
     synth: PoolSynth | None = None
+    format: Literal["gsm8k", "mbpp"] = Field("gsm8k", description="gsm8k: question + gold answer; mbpp: "
+                                             "mbpp.jsonl or sanitized-mbpp.json, each task with its tests")
+    split: Literal["all", "prompt", "test", "validation", "train"] = Field(
+        "all", description="mbpp: the task-id split of Austin et al. (train 601-974, test 11-510, ...)")
     question_field: str = "question"
     answer_field: str | None = Field("answer", description="gold answers (ending '#### N'); null: none")
     group_by: str | None = Field("level", description="column that names a row's group (quotas, per-group report)")
@@ -57,11 +62,17 @@ class PoolConfig(StrictModel):
     def _one_source(self) -> "PoolConfig":
         if (self.path is None) == (self.synth is None):
             raise ValueError("give exactly one of `path` or `synth`")
+        if self.format == "mbpp":
+            if self.synth is not None:
+                raise ValueError("format mbpp reads a file: give `path`, not `synth`")
+            if self.system_prompt == SYSTEM_PROMPT:   # the testbed's math instruction does not fit code
+                self.system_prompt = None
         return self
 
     @property
     def has_gold(self) -> bool:
-        return self.synth is not None or self.answer_field is not None
+        """Gold solutions: the testbed's, a gsm8k file's answer field, MBPP's reference code."""
+        return self.format == "mbpp" or self.synth is not None or self.answer_field is not None
 
 
 class StudentConfig(StrictModel):
@@ -172,7 +183,9 @@ class SelectionConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    path: str = Field("data/arith/test.jsonl", description="held-out set, GSM8K format")
+    path: str = Field("data/arith/test.jsonl", description="held-out set, GSM8K format (or MBPP with format)")
+    format: Literal["gsm8k", "mbpp"] = "gsm8k"
+    split: Literal["all", "prompt", "test", "validation", "train"] = Field("all", description="mbpp task-id split")
     limit: int | None = Field(None, ge=1, description="first N items per group, in file order")
     group_by: str | None = "level"
     max_tokens: int = Field(256, ge=1)
@@ -210,9 +223,11 @@ class SipfConfig(StrictModel):
     temperature: float = Field(1.0, ge=0, description="1.0 for math, 0.7 for code (the paper)")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
-    # Outcome labels: the final answer against the gold one, paths deduplicated by normalized
-    # text. Code tasks (sandbox labels, edit-distance dedup) are not built yet.
-    verifier: Literal["math"] = "math"
+    # Outcome labels: math, the final answer against the gold one, paths deduplicated by
+    # normalized text; code, the tests run in the sandbox, paths deduplicated by edit distance.
+    verifier: Literal["math", "code"] = "math"
+    dedup_distance: float = Field(0.1, ge=0, le=1, description="code: a path within this edit distance (share "
+                                  "of its length) of a kept one is a duplicate")
     split: SplitConfig = Field(default_factory=SplitConfig)
     k: int = Field(4, ge=1, description="Monte-Carlo rollouts per step prefix")
     delta: float = Field(0.5, ge=0, le=1, description="a step is correct when more than delta of its rollouts are")
@@ -270,6 +285,9 @@ class LoopConfig(StrictModel):
     def _consistent(self) -> "LoopConfig":
         if self.mode == "sipf":
             return self._sipf_consistent()
+        if self.pool.format != "gsm8k":
+            raise ValueError("pool.format mbpp: the distill loop checks answers against gold answers (and written "
+                             "problems with the task's solver); code tasks run in mode sipf")
         if self.budget is None:
             raise ValueError("budget: the teacher budget is required (give at least one of requests, tokens, cost_usd)")
         if self.sipf is not None:
@@ -308,6 +326,11 @@ class LoopConfig(StrictModel):
             self.sipf = SipfConfig()
         if self.engines != "persistent":
             raise ValueError("engines: per_phase is a baseline of the distill loop; mode sipf keeps its engines up")
+        if self.sipf.verifier == "code" and self.pool.format != "mbpp":
+            raise ValueError("sipf.verifier code runs each path against its task's tests: the pool needs them "
+                             "(pool.format: mbpp)")
+        if self.sipf.verifier == "math" and self.pool.format == "mbpp":
+            raise ValueError("pool.format mbpp holds code tasks: set sipf.verifier: code")
         if not self.pool.has_gold:
             raise ValueError("mode sipf labels paths by their final answer: the pool needs gold answers "
                              "(pool.answer_field)")

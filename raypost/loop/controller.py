@@ -32,7 +32,7 @@ from raypost import records
 from raypost.config import RecipeError, SamplingConfig
 from raypost.engines.base import Completion, Request
 from raypost.errors import StageError
-from raypost.loop import faults
+from raypost.loop import checks, faults
 from raypost.loop.config import LoopRecipe
 from raypost.loop.ledger import Caps, Ledger, paid_entry, request_key
 from raypost.loop.strategies import Scored, rank, score_items
@@ -109,6 +109,29 @@ def _load_items(path: str, question_field: str, answer_field: str | None, group_
     return items
 
 
+def _load_mbpp_items(path: str, split: str, rejected_to: Path | None) -> list[dict]:
+    """MBPP tasks as loop items: the benchmark's prompt (tests shown, code between [BEGIN] and
+    [DONE]) and the tests that check an answer in the sandbox."""
+    from raypost.evaluation.loaders import load_mbpp, mbpp_split
+    from raypost.evaluation.prompts import mbpp_task_text
+
+    loaded = load_mbpp(path)
+    if loaded.rejected and rejected_to is not None:
+        _write_jsonl(rejected_to, [{"source": r.source, "reason": r.reason} for r in loaded.rejected])
+        console.say(f"loop: {len(loaded.rejected)} row(s) of {path} set aside in {rejected_to}; first: "
+                    f"{loaded.rejected[0].source}: {loaded.rejected[0].reason}")
+    # `answer`: the reference solution, as a reply would mark it (an SFT warm-up's target)
+    items = [{"id": item.id, "question": mbpp_task_text(item) + "Write the code between [BEGIN] and [DONE].\n",
+              "answer": f"[BEGIN]\n{item.reference.strip()}\n[DONE]" if item.reference.strip() else None,
+              "group": None, "kind": "code",
+              "tests": {"format": "mbpp", "test_list": item.fields["test_list"],
+                        "test_setup_code": item.fields["test_setup_code"], "test_imports": item.fields["test_imports"]}}
+             for item in mbpp_split(loaded.items, split)]
+    if not items:
+        raise DataError(f"{path}: no usable MBPP tasks in split {split!r} ({len(loaded.rejected)} rejected)")
+    return items
+
+
 class LoopController:
     def __init__(self, recipe: LoopRecipe, address: str | None = None, log=console.say, engines: tuple | None = None):
         self.recipe = recipe
@@ -137,17 +160,19 @@ class LoopController:
         self.log(f"loop {self.recipe.name}: {len(self.pool)} seeds, {len(self.eval_items)} eval items, "
                  f"strategy {self.strategy_name()}, {len(self.config.shares())} round(s)")
 
-    def _engines(self, model: str | None = None, *, student: bool = True) -> None:
+    def _engines(self, model: str | None = None, *, student: bool = True, teacher: bool = True) -> None:
         """Start the engine actors on first use: a rerun of a finished loop starts none. `model`:
         the weights a student that is not up yet starts with (default the base model);
-        `student=False`: the teacher alone will do (the teacher phase)."""
+        `student=False` / `teacher=False`: the phase needs only the other one (persistent engines
+        start both at first use all the same: they are up for the whole loop)."""
         if self.shared_engines is not None:
             if self.student is None:
                 self.student, self.teacher = self.shared_engines
                 self.loaded_model = None   # whatever the last loop left in it
             return
-        start_student = student and self.student is None
-        start_teacher = self.needs_teacher() and self.teacher is None
+        persistent = self.config.engines == "persistent"
+        start_student = (student or persistent) and self.student is None
+        start_teacher = (teacher or persistent) and self.needs_teacher() and self.teacher is None
         if not (start_student or start_teacher):
             return
         from raypost.loop.engines import start_engine_actor
@@ -245,6 +270,8 @@ class LoopController:
                                          distractors=pool.synth.distractors, exclude=exclude,
                                          id_prefix=f"seed{pool.synth.seed}")
                 rows = [{"id": i.id, "question": i.question, "answer": i.answer, "group": str(i.level)} for i in items]
+            elif pool.format == "mbpp":
+                rows = _load_mbpp_items(pool.path, pool.split, self.run_dir / "rejected" / f"{name}.jsonl")
             else:
                 rows = _load_items(pool.path, pool.question_field, pool.answer_field, pool.group_by,
                                    self.run_dir / "rejected" / f"{name}.jsonl")
@@ -253,7 +280,10 @@ class LoopController:
 
     def _eval_items(self) -> list[dict]:
         spec = self.config.eval
-        items = _load_items(spec.path, "question", "answer", spec.group_by, self.run_dir / "rejected" / "eval.jsonl")
+        if spec.format == "mbpp":
+            items = _load_mbpp_items(spec.path, spec.split, self.run_dir / "rejected" / "eval.jsonl")
+        else:
+            items = _load_items(spec.path, "question", "answer", spec.group_by, self.run_dir / "rejected" / "eval.jsonl")
         if spec.limit:
             taken: dict[Any, int] = {}
             kept = []
@@ -376,7 +406,7 @@ class LoopController:
     def _use_student(self, model: str) -> dict | None:
         import ray
 
-        self._engines(model)
+        self._engines(model, teacher=False)
         if self.loaded_model == model:
             return None
         sync = ray.get(self.student.load_weights.remote(model))
@@ -740,7 +770,7 @@ class LoopController:
         per_item = []
         for item, answer in zip(self.eval_items, answers):
             text = answer[0].text if isinstance(answer, list) else ""
-            per_item.append({"id": item["id"], "group": item["group"], "correct": bool(_is_correct(text, item["answer"])),
+            per_item.append({"id": item["id"], "group": item["group"], "correct": checks.correct(item, text),
                              "error": answer if isinstance(answer, str) else None})
         _write_jsonl(self.round_dir(round_index) / "eval_items.jsonl", per_item)
         result = {"items": len(per_item), "correct": sum(i["correct"] for i in per_item), "groups": {},

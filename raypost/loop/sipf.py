@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 
 from raypost.engines.base import Request
-from raypost.loop import faults
+from raypost.loop import checks, faults
 from raypost.loop.config import SipfConfig, SplitConfig
-from raypost.loop.controller import LoopController, _is_correct, _read_json, _read_jsonl, _write_json, _write_jsonl
+from raypost.loop.controller import LoopController, _read_json, _read_jsonl, _write_json, _write_jsonl
 from raypost.loop.ledger import paid_entry
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])[ \t]+|\n")
@@ -66,12 +66,6 @@ def split_steps(text: str, config: SplitConfig) -> list[Step]:
     elif steps:   # trailing blank text belongs to the last step
         steps[-1].end = len(text)
     return steps
-
-
-def _normalized(text: str) -> str:
-    from raypost.curation.dedup import normalize_text
-
-    return normalize_text(text)
 
 
 def prefix_key(run: str, round_index: int, question_id: str, prefix: str) -> str:
@@ -209,8 +203,6 @@ class SipfController(LoopController):
 
     def _sample(self, round_index: int, model: str) -> dict:
         """The student's own paths: deduplicated, labelled by outcome, split into steps."""
-        from raypost.verify.math_answer import extract_answer
-
         directory = self.round_dir(round_index)
         done = _read_json(directory / "sample.json")
         if done is not None:
@@ -218,8 +210,9 @@ class SipfController(LoopController):
         started = time.perf_counter()
         questions, rejected = [], []
         for item in self._questions(round_index):
-            if extract_answer(item["answer"] or "") is None:
-                rejected.append({"id": item["id"], "reason": "gold answer cannot be parsed"})
+            reason = checks.check_of(item).unusable(item)
+            if reason is not None:
+                rejected.append({"id": item["id"], "reason": reason})
             else:
                 questions.append(item)
         self._use_student(model)
@@ -233,7 +226,9 @@ class SipfController(LoopController):
             if isinstance(answer, str):
                 rejected.append({"id": item["id"], "reason": f"sampling failed: {answer}"})
                 continue
-            seen: set[str] = set()
+            check = checks.check_of(item)
+            kept: list[str] = []
+            mine: list[dict] = []
             for completion in answer:
                 sampled += 1
                 tokens += completion.completion_tokens or 0
@@ -242,13 +237,14 @@ class SipfController(LoopController):
                 if not steps:
                     rejected.append({"id": item["id"], "reason": "a path with no steps"})
                     continue
-                normal = _normalized(text)
-                if normal in seen:
+                if check.duplicate(text, kept, self.sipf.dedup_distance):
                     continue
-                seen.add(normal)
-                paths.append({"question_id": item["id"], "group": item["group"], "index": len(seen) - 1,
-                              "text": text, "steps": [[s.start, s.end] for s in steps],
-                              "correct": bool(_is_correct(text, item["answer"]))})
+                kept.append(text)
+                mine.append({"question_id": item["id"], "group": item["group"], "index": len(kept) - 1,
+                             "text": text, "steps": [[s.start, s.end] for s in steps]})
+            for path, correct in zip(mine, check.check_many(item, kept)):
+                path["correct"] = bool(correct)
+            paths.extend(mine)
         result = {"questions": len(questions), "paths_sampled": sampled, "completion_tokens": tokens,
                   "paths_unique": len(paths),
                   "paths_correct": sum(p["correct"] for p in paths), "rejected": len(rejected),
@@ -354,7 +350,7 @@ class SipfController(LoopController):
                     if entry is None or "error" in entry:
                         values = None   # not rolled out (budget) or failed: the path is not labelled
                         break
-                    values.append(sum(bool(_is_correct(prefix + t, item["answer"])) for t in entry["texts"])
+                    values.append(sum(checks.check_of(item).check_many(item, [prefix + t for t in entry["texts"]]))
                                   / len(entry["texts"]))
                 if values is None:
                     unlabelled += 1
