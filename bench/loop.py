@@ -1,11 +1,13 @@
 """The closed loop's engines, measured: staying up across rounds against starting per phase.
 
-    python bench/loop.py [--rounds 3] [--student vllm|transformers] [--output-dir DIR] [a.b=value ...]
+    python bench/loop.py [--recipe recipes/loop.yaml] [--student vllm|transformers] [--output-dir DIR] [a.b=value ...]
 
-Runs one small loop on the testbed twice in this process, with the same settings and seeds: first
-with `loop.engines: persistent` (the student and teacher are Ray actors for the whole loop and the
-student takes each round's weights in place), then with `loop.engines: per_phase` (every phase
-that needs an engine starts its own, the student from the round's weights, and stops it after).
+Runs the testbed's 3-round loop (recipes/loop.yaml, its student on vLLM by default: the engine
+whose start-up a restart costs most) twice in this process, with the same settings and seeds:
+first with `loop.engines: persistent` (the student and teacher are Ray actors for the whole loop
+and the student takes each round's weights in place), then with `loop.engines: per_phase` (every
+phase that needs an engine starts its own, the student from the round's weights, and stops it
+after).
 Each round record says where the time went (engine start-up, scoring, teacher, training and the
 trainer's own compute, weight sync, eval); "other" is the rest of the round.
 
@@ -28,32 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def loop_spec(args: argparse.Namespace) -> dict:
-    student_engine = {"backend": args.student, "batch_size": 64, "max_model_len": 1024}
-    if args.student == "transformers":
-        student_engine = {"backend": "transformers", "batch_size": 40, "cpu_threads": 2}
-    return {
-        "pool": {"synth": {"n": args.pool, "levels": "1-4", "seed": 11}},
-        "student": {"engine": student_engine, "sampling": {"max_tokens": 160},
-                    "resources": {"cpus_per_actor": 0.25}},
-        "teacher": {"model": "procedural:arith", "mode": "rewrite", "sampling": {"max_tokens": 320},
-                    "engine": {"backend": "procedural", "tokenizer": "student", "batch_size": 32}},
-        "budget": {"requests": args.requests_per_round * args.rounds},
-        "rounds": args.rounds,
-        "selection": {"strategy": "loss_self", "quota_by": "level"},
-        "train": {"method": "sft",
-                  "sft": {"learning_rate": 1.0e-4, "lr_scheduler_type": "cosine", "max_steps": args.steps,
-                          "per_device_train_batch_size": 8, "max_length": 256, "packing": False},
-                  "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1}, "cpu_threads": 2},
-                  "checkpointing": {"save_steps": args.steps, "keep": 1}},
-        "eval": {"path": str(REPO / "data" / "arith" / "test.jsonl"), "limit": args.eval_per_level, "max_tokens": 200},
-    }
+STUDENT_ENGINES = {"vllm": {"backend": "vllm", "batch_size": 64, "max_model_len": 1024},
+                   "transformers": {"backend": "transformers", "batch_size": 40, "cpu_threads": 2}}
 
 
 def run_once(output_dir: Path, engines: str, args: argparse.Namespace) -> dict:
@@ -61,11 +42,10 @@ def run_once(output_dir: Path, engines: str, args: argparse.Namespace) -> dict:
     from raypost.loop.controller import run_loop
     from raypost.recipe import load_recipe
 
-    path = output_dir / f"loop-{engines}.yaml"
-    spec = {**loop_spec(args), "engines": engines}
-    path.write_text(yaml.safe_dump({"name": f"bench-{engines}", "output_dir": str(output_dir / engines),
-                                    "models": {"student": "packaged:smollm2-135m-instruct"}, "loop": spec}))
-    recipe = load_recipe(path, args.overrides, schema=LoopRecipe)
+    engine = ",".join(f"{k}: {v}" for k, v in STUDENT_ENGINES[args.student].items())
+    recipe = load_recipe(args.recipe, [f"name=bench-{engines}", f"output_dir={output_dir / engines}",
+                                       f"loop.engines={engines}", f"loop.student.engine={{{engine}}}",
+                                       *args.overrides], schema=LoopRecipe)
     started = time.perf_counter()
     rounds = run_loop(recipe)
     wall = time.perf_counter() - started
@@ -94,12 +74,8 @@ def run_once(output_dir: Path, engines: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--student", choices=["vllm", "transformers"], default="vllm")
-    parser.add_argument("--pool", type=int, default=80, help="seed questions")
-    parser.add_argument("--requests-per-round", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=6, help="SFT steps per round")
-    parser.add_argument("--eval-per-level", type=int, default=10)
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "loop.yaml"))
+    parser.add_argument("--student", choices=sorted(STUDENT_ENGINES), default="vllm")
     parser.add_argument("--output-dir", default=None, help="default: a fresh temporary directory")
     parser.add_argument("overrides", nargs="*", help="loop recipe overrides, e.g. loop.rounds=2")
     args = parser.parse_args()
@@ -112,7 +88,7 @@ def main() -> None:
     persistent = run_once(output_dir, "persistent", args)
     restart = run_once(output_dir, "per_phase", args)
     result = {
-        "student": args.student, "rounds": args.rounds, "pool": args.pool,
+        "recipe": args.recipe, "student": args.student, "overrides": args.overrides,
         "persistent": persistent, "per_phase": restart,
         "persistent_vs_restart": round(restart["wall_s"] / persistent["wall_s"], 3),
         "weight_sync_s": persistent["weight_sync_max_s"],

@@ -110,7 +110,8 @@ def test_help_on_each_command():
 
 def test_every_shipped_recipe_loads():
     """Run from any working directory: data paths are found beside the recipe."""
-    for path in [*(REPO / "recipes").glob("*.yaml"), *(REPO / "recipes" / "examples").glob("*.yaml")]:
+    for path in [*(REPO / "recipes").glob("*.yaml"), *(REPO / "recipes" / "examples").glob("*.yaml"),
+                 *(REPO / "recipes" / "lab").glob("*.yaml")]:
         if path.name == "serve.yaml":
             continue
         recipe = load_recipe(path)

@@ -81,6 +81,8 @@ def test_pairs_take_the_widest_gaps_first_and_fresh_paths_before_reused_ones():
     ({"sipf": {"warmup_pool": {"synth": {"n": 8, "levels": "1", "seed": 4}}}}, "warmup_pool is given but warmup is not"),
     ({"sipf": {"verifier": "code"}}, "sipf.verifier code runs each path against its task's tests: the pool needs them"),
     ({"pool": {"path": "pool.jsonl", "format": "mbpp"}}, "pool.format mbpp holds code tasks: set sipf.verifier: code"),
+    ({"sipf": {"reward": "prm", "prm": {"method": "sft"}}}, "prm trains a process reward model: method must be prm"),
+    ({"sipf": {"reward": "prm", "prm": {"method": "prm", "prm": {"lora": {"r": 4}}}}}, "lora: not supported for prm"),
 ])
 def test_a_sipf_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change, message):
     (tmp_path / "pool.jsonl").write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
@@ -252,3 +254,73 @@ def test_sipf_killed_while_rolling_out_resumes_with_no_rollout_paid_twice(
     rounds = _rows(run_dir / "rounds.jsonl")
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "model", "weight_sync")}  # noqa: E731
     assert [strip(r) for r in rounds] == [strip(r) for r in reference_rounds]
+
+
+def test_process_reward_rows_label_the_last_token_of_each_step(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raypost.training import DatasetError, load_training_rows
+    from raypost.training.prm import IGNORE, encode, prompt_text
+
+    rows = [{"prompt": [{"role": "user", "content": "Ann has 3 pens. How many?"}],
+             "completions": ["Ann has 3 pens.\n", "So 3 + 1 = 4.\n", "#### 4"], "labels": [True, False, False]},
+            {"prompt": "x", "completions": ["a\n", "b"], "labels": [True]},          # a label short
+            {"prompt": "x", "completions": [], "labels": []}]                         # no steps
+    path = tmp_path / "prm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_training_rows(path, "prm")
+    assert len(loaded.rows) == 1 and [r.reason for r in loaded.rejected] == [
+        "2 steps but 1 labels", "column 'completions': expected a non-empty list of non-empty step strings"]
+    with pytest.raises(DatasetError, match="missing \\['labels'\\]"):
+        path.write_text(json.dumps({"prompt": "x", "completions": ["a"]}) + "\n")
+        load_training_rows(path, "prm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    encoded = encode(tokenizer, rows[0], 1024)
+    marked = [(i, label) for i, label in enumerate(encoded["labels"]) if label != IGNORE]
+    assert [label for _, label in marked] == [1, 0, 0]
+    # each label sits on the last token of its step: the text up to it is the prompt and the steps so far
+    text = prompt_text(tokenizer, rows[0]["prompt"])
+    for (position, _), upto in zip(marked, range(1, 4)):
+        assert tokenizer.decode(encoded["input_ids"][:position + 1]) == text + "".join(rows[0]["completions"][:upto])
+
+
+@pytest.mark.slow
+def test_a_process_reward_model_learns_the_step_labels_and_ranks_the_paths(tiny_model, tmp_path, ray_local):
+    """reward: prm: a token-classification head on Ray Train learns the Monte-Carlo step labels,
+    is measured on held-out questions against the outcome-only baseline, and its step scores are
+    the paths' values (eta above any gap: no pairs, so no ORPO fit in this test)."""
+    from raypost.loop.controller import run_loop
+
+    path = sipf_recipe(tmp_path, tiny_model, name="prm", pool={"synth": {"n": 6, "levels": "1", "seed": 5,
+                                                                          "distractors": 0}},
+                       sipf={"reward": "prm", "prm_holdout": 0.5, "eta": 2.0,
+                             "prm": {"method": "prm", "prm": {"learning_rate": 1e-3, "max_steps": 3,
+                                                              "per_device_train_batch_size": 4, "max_length": 256}}})
+    rounds = run_loop(load_recipe(path, schema=LoopRecipe))
+    round_dir = tmp_path / "runs" / "prm" / "round_1"
+    report = json.loads((round_dir / "prm.json").read_text())
+    assert report["train_paths"] > 0 and report["held_out_paths"] > 0 and report["steps"] == 3
+    assert report["held_out_steps"] > 0 and 0 <= report["step_accuracy"] <= 1
+    assert "outcome_baseline_accuracy" in report and rounds[1]["prm"]["train_paths"] == report["train_paths"]
+    # the labels it learnt are the Monte-Carlo values cut at delta, the last step the path's outcome
+    ledger = Ledger(tmp_path / "runs" / "prm" / "ledger.jsonl")
+    paths = {(p["question_id"], p["index"]): p for p in _rows(round_dir / "paths.jsonl")}
+    for row in _rows(round_dir / "prm_data.jsonl"):
+        text = "".join(row["completions"])
+        path_ = next(p for p in paths.values() if p["text"] == text)
+        assert row["labels"][-1] == path_["correct"]
+        end = path_["steps"][0][1]
+        entry = ledger.get(prefix_key("prm", 1, path_["question_id"], text[:end]))
+        if entry is not None and len(row["labels"]) > 1:
+            from raypost.loop.checks import MathCheck
+
+            pool = {i["id"]: i for i in _rows(tmp_path / "runs" / "prm" / "pool.jsonl")}
+            item = pool[path_["question_id"]]
+            value = sum(MathCheck().check_many(item, [text[:end] + t for t in entry["texts"]])) / len(entry["texts"])
+            assert row["labels"][0] == (value > 0.5)
+    # every path of the round got one score per step, and those scores are its values
+    scores = {(r["question_id"], r["index"]): r["scores"] for r in _rows(round_dir / "prm_scores.jsonl")}
+    assert set(scores) == set(paths) and all(len(scores[k]) == len(paths[k]["steps"]) for k in paths)
+    for labelled in _rows(round_dir / "labelled.jsonl"):
+        assert labelled["values"] == scores[(labelled["question_id"], labelled["index"])]
+    assert rounds[1]["pairs"] == 0 and rounds[1]["train_steps"] == 0

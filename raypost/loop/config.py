@@ -234,8 +234,14 @@ class SipfConfig(StrictModel):
     simulator: Literal["student", "teacher"] = Field("student", description="who completes the rollouts: the "
                                                      "current student, or loop.teacher (a larger model)")
     rollout_max_tokens: int = Field(192, ge=1)
-    reward: Literal["process", "outcome"] = Field("process", description="outcome: pairs of a correct and a wrong "
-                                                  "path, no rollouts (the ablation)")
+    reward: Literal["process", "outcome", "prm"] = Field(
+        "process", description="process: Monte-Carlo step values; prm: a process reward model trained on those "
+                               "values' labels scores the steps (the paper); outcome: pairs of a correct and a "
+                               "wrong path, no rollouts (the ablation)")
+    prm: TrainConfig | None = Field(None, description="reward prm: the process reward model's training (method "
+                                                      "prm), from the base student's weights, on the labels so far")
+    prm_holdout: float = Field(0.2, ge=0, lt=1, description="reward prm: share of questions whose steps only "
+                                                             "measure the PRM (step accuracy, ROC AUC)")
     reduce: Literal["mean", "min"] = Field("mean", description="path score from its step values")
     eta: float = Field(0.3, ge=0, description="least score gap of a pair")
     pairs_per_question: int = Field(2, ge=1)
@@ -247,6 +253,14 @@ class SipfConfig(StrictModel):
     # so few pairs to learn from. Questions of its own (never the pool's) avoid that.
     warmup_pool: PoolConfig | None = Field(None, description="the warm-up's own questions with gold answers "
                                                              "(default: the loop's pool)")
+
+    @model_validator(mode="after")
+    def _prm_method(self) -> "SipfConfig":
+        if self.reward == "prm" and self.prm is None:
+            self.prm = TrainConfig(method="prm")
+        if self.prm is not None and self.prm.method != "prm":
+            raise ValueError(f"prm trains a process reward model: method must be prm, not {self.prm.method!r}")
+        return self
 
     @model_validator(mode="after")
     def _warmup_sft(self) -> "SipfConfig":

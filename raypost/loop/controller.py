@@ -478,8 +478,6 @@ class LoopController:
     def _judge(self, round_index: int, scored: list[Scored], answers: list) -> None:
         """The teacher grades each of the student's answers (1-10). Every grade is a ledger entry
         (kind judge, outside the budget caps), so a rerun pays no grade twice."""
-        import ray
-
         from raypost.engines.judge import judge_messages, parse_grade
 
         self._engines(student=False)
@@ -493,19 +491,27 @@ class LoopController:
                 missing.append((key, item, score))
         batch_size = max(1, self.config.teacher.engine.batch_size)
         for start in range(0, len(missing), batch_size):
-            batch = missing[start:start + batch_size]
-            requests = [Request(id=key, messages=judge_messages(item["question"], score.completion.text))
-                        for key, item, score in batch]
-            grades = ray.get(self.teacher.generate.remote(requests, sampling))
-            if all(isinstance(g, str) for g in grades):
-                raise StageError(f"teacher {self.recipe.model('teacher')}: every judge request of a batch failed "
-                                 f"({grades[0]}); the ledger keeps what was paid; rerun to continue")
-            self.ledger.record([paid_entry(key, round_index, item["id"], grade, kind="judge")
-                                for (key, item, _), grade in zip(batch, grades)])
+            self._pay(round_index, [(Request(id=key, messages=judge_messages(item["question"], score.completion.text)),
+                                     item["id"]) for key, item, score in missing[start:start + batch_size]],
+                      sampling, kind="judge")
         for item, score in zip(self.pool, scored):
             entry = self.ledger.get(request_key(self.recipe.name, round_index, item["id"], kind="judge"))
             if entry is not None and "error" not in entry:
                 score.grade = parse_grade(entry["texts"][0])
+
+    def _pay(self, round_index: int, batch: list[tuple[Request, str]], sampling: SamplingConfig,
+             kind: str = "answer") -> None:
+        """One batch of teacher requests (each keyed by its Request id, for a seed id): every answer
+        is in the ledger, fsynced, before anything reads it. A batch whose every request failed is
+        a teacher outage: the loop stops, paying nothing for it, and a rerun continues."""
+        import ray
+
+        answers = ray.get(self.teacher.generate.remote([request for request, _ in batch], sampling))
+        if all(isinstance(a, str) for a in answers):
+            raise StageError(f"teacher {self.recipe.model('teacher')}: every {'' if kind == 'answer' else kind + ' '}"
+                             f"request of a batch failed ({answers[0]}); the ledger keeps what was paid; rerun to continue")
+        self.ledger.record([paid_entry(request.id, round_index, seed_id, answer, kind=kind)
+                            for (request, seed_id), answer in zip(batch, answers)])
 
     def _learnability(self, round_index: int, scored: list[Scored]) -> None:
         """The student samples each seed a few times; `skip` decides which verdicts make it wait."""
@@ -606,12 +612,8 @@ class LoopController:
                 position += 1
             if not batch:
                 break
-            answers = self._answer(self.teacher, [b[1] for b in batch], self._teacher_request, sampling)
-            if all(isinstance(a, str) for a in answers):
-                raise StageError(f"teacher {self.recipe.model('teacher')}: every request of a batch failed "
-                                 f"({answers[0]}); the ledger keeps what was paid; rerun to continue")
-            self.ledger.record([paid_entry(key, round_index, item["id"], answer)
-                                for (key, item, _), answer in zip(batch, answers)])
+            self._pay(round_index, [(Request(id=key, messages=self._teacher_request(item), reference=item.get("answer")),
+                                     item["id"]) for key, item, _ in batch], sampling)
             batches += 1
             faults.maybe_kill(self.run_dir, "teacher", round_index, batches)
         if config.vote is not None:
@@ -656,10 +658,8 @@ class LoopController:
                     batch.append((key, seed_id, messages, worst))                    # a count ran over its bound
             if not batch:
                 continue
-            answers = ray.get(self.teacher.generate.remote(
-                [Request(id=key, messages=messages) for key, _, messages, _ in batch], sampling))
-            self.ledger.record([paid_entry(key, round_index, seed_id, answer, kind="vote")
-                                for (key, seed_id, _, _), answer in zip(batch, answers)])
+            self._pay(round_index, [(Request(id=key, messages=messages), seed_id) for key, seed_id, messages, _ in batch],
+                      sampling, kind="vote")
             batches += 1
             faults.maybe_kill(self.run_dir, "teacher", round_index, batches)
         return batches

@@ -15,8 +15,12 @@ round, question and prefix; fsynced before use), so a driver killed anywhere res
 rollout paid twice. The ledger's totals are the rollout tokens, and the report plots accuracy
 against them.
 
-Process rewards are the Monte-Carlo values themselves; a trained process reward model (the
-paper's PRM) is not built yet.
+Process rewards are the Monte-Carlo values themselves (`reward: process`), or, as the paper
+does, a process reward model trained on their labels (`reward: prm`): each round, a token-
+classification head on the student's architecture (raypost/training/prm.py, on Ray Train) learns
+the step labels of every round so far, minus a held-out share of questions on which its step
+accuracy and ROC AUC are measured against the outcome-only baseline (every step labelled as its
+path's outcome); its step scores then rank this round's paths.
 """
 
 from __future__ import annotations
@@ -107,6 +111,13 @@ def rollout_messages(question_messages: list[dict[str, str]], prefix: str) -> li
     return [*question_messages, {"role": "assistant", "content": prefix}]
 
 
+def _prm_step_scores(model_dir: str, targets: list, max_length: int) -> list[list[float]]:
+    """In a Ray task: the scoring model (torch, transformers) stays out of the driver."""
+    from raypost.training.prm import step_scores
+
+    return step_scores(model_dir, targets, max_length)
+
+
 class SipfController(LoopController):
     @property
     def sipf(self) -> SipfConfig:
@@ -164,6 +175,7 @@ class SipfController(LoopController):
         previous = self.model_after(round_index - 1)
         sampled = self._sample(round_index, previous)
         rollouts = self._rollouts(round_index, previous)
+        prm = self._prm(round_index) if self.sipf.reward == "prm" else None
         pairs = self._pairs(round_index)
         trained = self._train(round_index, previous)
         evaluation = self._evaluate(round_index, trained["model"])
@@ -181,7 +193,9 @@ class SipfController(LoopController):
             "rollout_requests": rollouts["requests"], "rollouts": rollouts["rollouts"],
             "train_rows": trained["rows"], "train_steps": trained["steps"], "train_loss": trained.get("loss"),
             "weight_sync": evaluation.get("sync"),
+            "prm": None if prm is None else {k: v for k, v in prm.items() if k != "seconds"},
             "seconds": {"sample": sampled["seconds"], "rollout": rollouts["seconds"], "pairs": pairs["seconds"],
+                        **({"prm": prm["seconds"]} if prm else {}),
                         "train": trained["seconds"], "weight_sync": (evaluation.get("sync") or {}).get("seconds", 0.0),
                         "eval": evaluation["seconds"]},
         }
@@ -324,6 +338,82 @@ class SipfController(LoopController):
         _write_json(directory / "rollout.json", result)
         return result
 
+    def _mc_values(self, round_index: int, item: dict, path: dict) -> list[float] | None:
+        """Each step's Monte-Carlo value: the share of its rollouts (prefix + continuation) that
+        pass the item's check; the last step's is the path's own outcome. None when a prefix was
+        not rolled out (budget) or its rollouts failed: such a path is not labelled."""
+        values = []
+        for _, end in path["steps"][:-1]:
+            prefix = path["text"][:end]
+            entry = self.ledger.entries.get(prefix_key(self.recipe.name, round_index, item["id"], prefix))
+            if entry is None or "error" in entry:
+                return None
+            values.append(sum(checks.check_of(item).check_many(item, [prefix + t for t in entry["texts"]]))
+                          / len(entry["texts"]))
+        return values + [1.0 if path["correct"] else 0.0]
+
+    def _held_out(self, question_id: str) -> bool:
+        digest = int(hashlib.sha256(f"{self.config.seed}/{question_id}".encode()).hexdigest()[:8], 16)
+        return digest % 1000 < self.sipf.prm_holdout * 1000
+
+    def _prm(self, round_index: int) -> dict:
+        """Train the process reward model on the step labels of every round so far (held-out
+        questions apart), measure it on the held-out steps, and score this round's paths."""
+        import ray
+
+        from raypost.curation.entropy import entropy_auc   # ROC AUC of a score against "wrong"
+        from raypost.training.train import train
+
+        directory = self.round_dir(round_index)
+        done = _read_json(directory / "prm.json")
+        if done is not None:
+            return done
+        started = time.perf_counter()
+        by_id = {item["id"]: item for item in self.pool}
+        training, held_out = [], []
+        for r in range(1, round_index + 1):
+            for path in _read_jsonl(self.round_dir(r) / "paths.jsonl"):
+                item = by_id[path["question_id"]]
+                values = self._mc_values(r, item, path)
+                if values is None:
+                    continue
+                row = {"prompt": self._messages(item["question"]),
+                       "completions": [path["text"][a:b] for a, b in path["steps"]],
+                       "labels": [v > self.sipf.delta for v in values], "outcome": path["correct"]}
+                (held_out if self._held_out(item["id"]) else training).append(row)
+        result: dict = {"train_paths": len(training), "held_out_paths": len(held_out)}
+        if not training:
+            result.update(model=None, note="no labelled paths to learn from", seconds=time.perf_counter() - started)
+            _write_json(directory / "prm.json", result)
+            return result
+        data = directory / "prm_data.jsonl"
+        _write_jsonl(data, [{k: row[k] for k in ("prompt", "completions", "labels")} for row in training])
+        outcome = train(self.sipf.prm, model=self.base_model, dataset=data, output_dir=directory / "prm",
+                        resume=True, cache_dir=self.recipe.cache_dir)
+        this_round = _read_jsonl(directory / "paths.jsonl")
+        targets = [(row["prompt"], row["completions"]) for row in held_out]
+        targets += [(self._messages(by_id[p["question_id"]]["question"]), [p["text"][a:b] for a, b in p["steps"]])
+                    for p in this_round]
+        scored = ray.get(ray.remote(num_cpus=1)(_prm_step_scores).remote(outcome.model_dir, targets,
+                                                                         self.sipf.prm.block.max_length))
+        labels, predicted, baseline = [], [], []
+        for row, scores in zip(held_out, scored):
+            for label, score in zip(row["labels"], scores):
+                labels.append(label)
+                predicted.append(score)
+                baseline.append(1.0 if row["outcome"] else 0.0)
+        if labels:
+            result["held_out_steps"] = len(labels)
+            result["step_accuracy"] = sum((s > 0.5) == l for s, l in zip(predicted, labels)) / len(labels)
+            result["roc_auc"] = entropy_auc(predicted, [not label for label in labels])
+            result["outcome_baseline_accuracy"] = sum((b > 0.5) == l for b, l in zip(baseline, labels)) / len(labels)
+            result["outcome_baseline_roc_auc"] = entropy_auc(baseline, [not label for label in labels])
+        _write_jsonl(directory / "prm_scores.jsonl", [{"question_id": p["question_id"], "index": p["index"], "scores": s}
+                                                     for p, s in zip(this_round, scored[len(held_out):])])
+        result.update(model=outcome.model_dir, steps=outcome.steps, seconds=time.perf_counter() - started)
+        _write_json(directory / "prm.json", result)
+        return result
+
     def _rollout_messages(self, item: dict, prefix: str) -> list[dict[str, str]]:
         return rollout_messages(self._messages(item["question"]), prefix)
 
@@ -337,25 +427,18 @@ class SipfController(LoopController):
         by_id = {item["id"]: item for item in self.pool}
         paths = _read_jsonl(directory / "paths.jsonl")
         labelled, unlabelled = [], 0
+        prm_scores = {(r["question_id"], r["index"]): r["scores"] for r in _read_jsonl(directory / "prm_scores.jsonl")}
         for path in paths:
             item = by_id[path["question_id"]]
-            outcome = 1.0 if path["correct"] else 0.0
             if self.sipf.reward == "outcome":
-                values = [outcome]
+                values = [1.0 if path["correct"] else 0.0]
+            elif self.sipf.reward == "prm":
+                values = prm_scores.get((path["question_id"], path["index"])) or None
             else:
-                values = []
-                for start, end in path["steps"][:-1]:
-                    prefix = path["text"][:end]
-                    entry = self.ledger.entries.get(prefix_key(self.recipe.name, round_index, item["id"], prefix))
-                    if entry is None or "error" in entry:
-                        values = None   # not rolled out (budget) or failed: the path is not labelled
-                        break
-                    values.append(sum(checks.check_of(item).check_many(item, [prefix + t for t in entry["texts"]]))
-                                  / len(entry["texts"]))
-                if values is None:
-                    unlabelled += 1
-                    continue
-                values.append(outcome)
+                values = self._mc_values(round_index, item, path)
+            if values is None:
+                unlabelled += 1
+                continue
             labelled.append({**path, "values": values, "labels": [v > self.sipf.delta for v in values],
                              "score": path_score(values, self.sipf.reduce)})
         per_question: dict[str, list[dict]] = {}

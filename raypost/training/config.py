@@ -3,6 +3,8 @@
 Defaults run on a laptop CPU; the same recipe scales by changing `scaling`, not code. Method
 defaults follow the papers and TRL: SFT lr 2e-5; DPO (Rafailov et al. 2023) and KTO
 (Ethayarajh et al. 2024) beta 0.1 at lr ~5e-7..5e-6; ORPO (Hong et al. 2024) lambda 0.1 at lr 8e-6.
+`prm` is a process reward model: a token-classification head on the model's architecture that
+labels the last token of each reasoning step (arXiv 2412.08393; TRL 1.16 has no PRM trainer).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pydantic import Field, model_validator
 
 from raypost.config import StrictModel
 
-Method = Literal["sft", "kto", "dpo", "orpo"]
+Method = Literal["sft", "kto", "dpo", "orpo", "prm"]
 
 
 class LoraBlock(StrictModel):
@@ -66,6 +68,16 @@ class ORPOBlock(MethodBlock):
     beta: float = Field(0.1, gt=0, description="lambda of the odds-ratio term (ORPO paper)")
 
 
+class PRMBlock(MethodBlock):
+    """Binary cross-entropy per step: the label of each step sits on its last token."""
+
+    @model_validator(mode="after")
+    def _no_lora(self) -> "PRMBlock":
+        if self.lora is not None:
+            raise ValueError("lora: not supported for prm (the new classification head trains in full)")
+        return self
+
+
 class ScalingBlock(StrictModel):
     """Ray Train workers. On GPUs: use_gpu + deepspeed zero2/zero3 + bf16. On CPUs: DDP over gloo."""
 
@@ -115,6 +127,7 @@ class TrainConfig(StrictModel):
     kto: KTOBlock = Field(default_factory=KTOBlock)
     dpo: DPOBlock = Field(default_factory=DPOBlock)
     orpo: ORPOBlock = Field(default_factory=ORPOBlock)
+    prm: PRMBlock = Field(default_factory=PRMBlock)
     scaling: ScalingBlock = Field(default_factory=ScalingBlock)
     checkpointing: CheckpointingBlock = Field(default_factory=CheckpointingBlock)
     failure: FailureBlock = Field(default_factory=FailureBlock)

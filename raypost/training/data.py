@@ -3,6 +3,8 @@
 SFT: `messages` (a conversation) or `prompt` + `completion` (message lists or strings).
 KTO: `prompt`, `completion`, `label` (bool: desirable or not).
 DPO / ORPO: `prompt`, `chosen`, `rejected`.
+PRM (TRL's stepwise supervision): `prompt`, `completions` (the steps, concatenated as given),
+`labels` (one bool per step: the step is right).
 Whole-set problems (missing column, empty set, non-boolean labels) raise `DatasetError` naming
 the file and column; a single malformed row is set aside with its location and reason.
 """
@@ -22,6 +24,7 @@ REQUIRED_COLUMNS: dict[str, list[tuple[str, ...]]] = {
     "kto": [("prompt", "completion", "label")],
     "dpo": [("prompt", "chosen", "rejected")],
     "orpo": [("prompt", "chosen", "rejected")],
+    "prm": [("prompt", "completions", "labels")],
 }
 
 
@@ -64,12 +67,22 @@ def _normalize(row: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
             raise ValueError(f"column {column!r}: missing value")
         if column == "label":
             out[column] = value
+        elif column == "completions":
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"column {column!r}: expected a non-empty list of non-empty step strings")
+            out[column] = list(value)
+        elif column == "labels":
+            if not isinstance(value, list) or not all(isinstance(v, bool) for v in value):
+                raise ValueError(f"column {column!r}: expected a list of booleans, one per step")
+            out[column] = list(value)
         elif column == "messages":
             out[column] = _messages(value, column)
         else:
             out[column] = _text_or_messages(value, column)
+    if "labels" in out and len(out["labels"]) != len(out["completions"]):
+        raise ValueError(f"{len(out['completions'])} steps but {len(out['labels'])} labels")
     # a set is either all conversational or all plain text: TRL applies the chat template per row
-    kinds = {isinstance(out[c], list) for c in columns if c != "label"}
+    kinds = {isinstance(out[c], list) for c in columns if c not in ("label", "completions", "labels")}
     if len(kinds) > 1:
         raise ValueError(f"columns {list(columns)} mix plain strings and message lists")
     return out

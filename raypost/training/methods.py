@@ -35,6 +35,10 @@ def trainer_classes(method: str):
         return DPOConfig, DPOTrainer
     if method == "orpo":
         return orpo_classes()
+    if method == "prm":
+        from raypost.training.prm import PRMConfig, PRMTrainer
+
+        return PRMConfig, PRMTrainer
     raise ValueError(f"unknown training method {method!r}")
 
 
@@ -66,6 +70,8 @@ def method_arguments(config: TrainConfig) -> dict[str, Any]:
                 "undesirable_weight": block.undesirable_weight, "max_length": block.max_length}
     if config.method == "dpo":
         return {"beta": block.beta, "loss_type": [block.loss_type], "max_length": block.max_length}
+    if config.method == "prm":
+        return {"max_length": block.max_length}
     return {"beta": block.beta, "max_length": block.max_length}
 
 
