@@ -101,10 +101,19 @@ def _worker_runtime_env(config: TrainConfig) -> dict:
     return {"env_vars": env} if env else {}
 
 
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:   # another filesystem (remote storage downloaded to a temp dir)
+        shutil.copy2(source, destination)
+
+
 def _copy_model(checkpoint_dir: Path, target: Path) -> None:
+    """The export into `<output_dir>/model`: hard links where the checkpoint storage shares the
+    filesystem (a model's weights are written once, not copied again)."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir / "model", tmp)
+    shutil.copytree(checkpoint_dir / "model", tmp, copy_function=_link_or_copy)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
