@@ -97,7 +97,8 @@ def plot(path: Path, accuracy: dict, interval: dict, by_level: dict) -> None:
     for i, name in enumerate(names):
         right.bar([k + i * width for k in range(len(levels))], [by_level[name].get(level, 0) for level in levels],
                   width, label=name)
-    right.set_xticks([k + 0.4 - width / 2 for k in range(len(levels))], [f"level {level}" for level in levels])
+    names_of_levels = [level if str(level).startswith("level") else f"level {level}" for level in levels]
+    right.set_xticks([k + 0.4 - width / 2 for k in range(len(levels))], names_of_levels)
     right.legend(fontsize=7)
     figure.suptitle("answer-only vs chain of thought vs entropy-routed SFT (testbed, seeds pooled)", fontsize=9)
     lab.save(figure, path)
