@@ -417,6 +417,49 @@ def test_curate_sets_aside_bad_rows_with_their_reason(ray_local, tmp_path):
     assert json.loads((tmp_path / "cur" / "report.json").read_text())["rows_out"] == 2
 
 
+def test_curate_rows_are_committed_by_the_workers_each_once_and_a_rerun_gives_the_same_rows(ray_local, tmp_path):
+    """Curated rows, rejected rows and training sets are written by the workers, a part per block
+    and step: every row is in exactly one part, and a second run into the same directory gives
+    the same rows, not a second copy."""
+    import pyarrow.parquet as pq
+
+    from raypost.curation import curate
+    from raypost.curation.config import DedupStep, VerifyStep, WriteStep
+
+    rows = []
+    for i in range(60):
+        asked = i - 1 if i % 10 == 5 else i                 # 6 repeats of the question before
+        answer = 2 * i + (1 if i % 7 == 3 else 0)           # 9 wrong answers
+        rows.append(prompt_row(f"w-{i}", f"What is {asked} + {asked}?", reference=f"#### {2 * asked}",
+                               response=f"#### {answer}"))
+    rows.append(prompt_row("w-60", "What is 1 + 2?", reference=None, response="#### 3"))   # nothing to verify
+    rows.append({"id": "w-61", "messages": [], "reference": "1", "response": "1"})           # unusable
+    steps = [DedupStep(step="dedup", near=False), VerifyStep(step="verify"), WriteStep(step="write", formats=["sft", "kto"])]
+
+    def run(out: Path):
+        summary = curate(dataset_from_rows(rows).repartition(4), steps, output_dir=out)
+        written = {sub: sorted((r["id"], r.get("reason")) for r in records.read_rows(out / sub))
+                   for sub in ("", "rejected", "sft", "kto")}
+        return summary, written
+
+    first, parts = run(tmp_path / "cur")
+    assert first["rejected_by_step"] == {"input": 1, "dedup": 6, "verify": 1, "write": 8}
+    assert first["rows_out"] == 60 - 6 and first["rows_rejected"] == 16
+    assert len(records.part_files(tmp_path / "cur" / "rejected")) >= 4   # input, dedup, verify, write
+    for sub in ("", "rejected", "sft", "kto"):
+        ids = [i for p in records.part_files(tmp_path / "cur" / sub) for i in pq.read_table(p).column("id").to_pylist()]
+        assert len(ids) == len(set(ids)), sub
+    rejected = {r["id"]: r["reason"] for r in records.read_rows(tmp_path / "cur" / "rejected")}
+    assert rejected["w-15"] == "duplicate of w-14 (exact)" and rejected["w-60"] == "nothing to verify: empty 'reference'"
+    assert rejected["w-61"] == "missing messages" and rejected["w-3"] == "sft: response failed verification"
+    kto = {r["id"]: r["label"] for r in records.read_rows(tmp_path / "cur" / "kto")}
+    assert len(kto) == 54 and kto["w-3"] is False and kto["w-4"] is True
+
+    second, again = run(tmp_path / "cur")
+    assert again == parts and second["rows_out"] == first["rows_out"]
+    assert second["rejected_by_step"] == first["rejected_by_step"]
+
+
 def generate_then_curate_recipe(tmp_path: Path, tiny_model: Path, problems: list[dict], steps: list[dict]) -> Path:
     """A recipe: the reference teacher answers `problems` (GSM8K format), then a curate stage runs `steps`."""
     import yaml

@@ -12,7 +12,7 @@ from typing import Literal
 import pyarrow as pa
 
 from raypost import schema
-from raypost.curation.rows import CurationLog, batch_rows, collect, rows_table
+from raypost.curation.rows import LIGHT_CPUS, CurationLog, batch_rows, rows_table, totals
 
 
 
@@ -35,6 +35,14 @@ def _checkable(batch: pa.Table, response_field: str, reference_field: str) -> pa
     return pa.compute.and_(present(response_field), present(reference_field))
 
 
+def _verified(batch: pa.Table) -> pa.Array:
+    return pa.compute.fill_null(batch.column(schema.VERIFIED), False)
+
+
+def _passed(batch: pa.Table) -> pa.Table:
+    return pa.table({"rows": [batch.num_rows], "passed": [int(pa.compute.sum(_verified(batch).cast(pa.int64())).as_py() or 0)]})
+
+
 def verify(dataset, *, kind: Literal["math", "code"] = "math", response_field: str = "response",
            reference_field: str = "reference", drop_failed: bool = False, log: CurationLog | None = None):
     """Add `verified`/`verify_reason`; rows lacking a response or reference go to `log`.
@@ -46,29 +54,36 @@ def verify(dataset, *, kind: Literal["math", "code"] = "math", response_field: s
     log = log if log is not None else CurationLog()
     started = time.perf_counter()
     dataset = dataset.materialize()
-    unusable = collect(dataset.map_batches(
-        lambda b: b.filter(pa.compute.invert(_checkable(b, response_field, reference_field))), batch_format="pyarrow"))
-    for row in unusable.to_pylist():
+    unusable = dataset.map_batches(
+        lambda b: b.filter(pa.compute.invert(_checkable(b, response_field, reference_field))), batch_format="pyarrow",
+        num_cpus=LIGHT_CPUS)
+
+    def nothing_to_verify(row):
         missing = response_field if not (row.get(response_field) or "").strip() else reference_field
-        log.reject("verify", row, f"nothing to verify: empty {missing!r}")
+        return f"nothing to verify: empty {missing!r}"
+
+    rows_unusable = log.reject_rows("verify", unusable, nothing_to_verify)
     usable = dataset.map_batches(lambda b: b.filter(_checkable(b, response_field, reference_field)),
-                                 batch_format="pyarrow")
+                                 batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     checked = usable.map_batches(verify_batch, fn_kwargs=dict(kind=kind, response_field=response_field,
                                                               reference_field=reference_field),
                                  batch_format="pyarrow", batch_size=64).materialize()
-    flags = collect(checked, [schema.VERIFIED]).column(schema.VERIFIED).to_pylist()
-    passed = sum(1 for f in flags if f)
-    if drop_failed and passed < len(flags):
-        for row in collect(checked.filter(lambda r: not r[schema.VERIFIED])).to_pylist():
-            log.reject("verify", row, f"failed verification: {row['verify_reason']}")
-        checked = checked.filter(lambda r: bool(r[schema.VERIFIED])).materialize()
+    counted = totals(checked.map_batches(_passed, batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_CPUS),
+                     ["rows", "passed"])
+    checked_rows, passed = counted["rows"], counted["passed"]
+    if drop_failed and passed < checked_rows:
+        failed = checked.map_batches(lambda b: b.filter(pa.compute.invert(_verified(b))), batch_format="pyarrow",
+                                     num_cpus=LIGHT_CPUS)
+        log.reject_rows("verify", failed, lambda row: f"failed verification: {row['verify_reason']}")
+        checked = checked.map_batches(lambda b: b.filter(_verified(b)), batch_format="pyarrow",
+                                      num_cpus=LIGHT_CPUS).materialize()
     log.report("verify", {
         "kind": kind,
-        "rows_checked": len(flags),
+        "rows_checked": checked_rows,
         "rows_verified": passed,
-        "rows_failed": len(flags) - passed,
-        "rows_unusable": unusable.num_rows,
-        "pass_rate": round(passed / len(flags), 4) if flags else None,
+        "rows_failed": checked_rows - passed,
+        "rows_unusable": rows_unusable,
+        "pass_rate": round(passed / checked_rows, 4) if checked_rows else None,
         "seconds": round(time.perf_counter() - started, 3),
     })
     return checked

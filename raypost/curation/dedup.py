@@ -1,9 +1,12 @@
 """Exact and near-duplicate removal across the whole dataset.
 
 Signatures (normalized-text hash, MinHash over shingles) are computed in parallel with
-`map_batches`; the decisions need the whole dataset, so one global pass on the driver walks
-units in id order and asks a MinHash LSH index (datasketch) for earlier kept units that look
-alike. Each lookup touches only its LSH buckets, so the pass is sub-quadratic; a candidate is
+`map_batches`; the decisions need the whole dataset, so one global pass walks units in id
+order and asks a MinHash LSH index (datasketch) for earlier kept units that look alike. That pass
+runs as one task on a worker, not on the driver: it holds a unit key, a 16-byte hash and
+`num_perm` × 8 bytes of signature per unit (about 1.1 GB per million units at 128
+permutations), and only the duplicates' keys come back. Removed rows are committed by the
+workers. Each lookup touches only its LSH buckets, so the pass is sub-quadratic; a candidate is
 confirmed by its estimated Jaccard similarity before a row is called a duplicate. The first
 unit by id is kept; later ones go to `rejected` as "duplicate of <id>".
 
@@ -24,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from raypost import schema
-from raypost.curation.rows import CurationLog, batch_rows, collect, natural_key, prompt_text
+from raypost.curation.rows import LIGHT_CPUS, CurationLog, batch_rows, natural_key, prompt_text
 
 _SPACE = re.compile(r"\s+")
 # sentence punctuation only: "5 + 3" and "5 - 3" must stay different prompts
@@ -63,13 +66,15 @@ def signature_batch(batch, *, field: str, num_perm: int, shingle: str, shingle_s
 
     rows = batch_rows(batch)
     texts = [normalize_text(unit_text(r, field)) for r in rows]
-    # bulk() shares one set of permutations across the batch instead of one per document
-    minhashes = MinHash.bulk([shingles(t, shingle, shingle_size) for t in texts], num_perm=num_perm, seed=1)
+    # bulk() shares one set of permutations across the batch instead of one per document;
+    # num_perm 0: exact dedup only, no signatures
+    minhashes = MinHash.bulk([shingles(t, shingle, shingle_size) for t in texts], num_perm=num_perm, seed=1) \
+        if num_perm else [None] * len(rows)
     return pa.table({
             "unit": [unit_key(r, field) for r in rows],
             "id": [str(r[schema.ID]) for r in rows],
             "exact_hash": [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts],
-            "signature": pa.array([m.hashvalues.astype(np.uint64) for m in minhashes],
+            "signature": pa.array([[] if m is None else m.hashvalues.astype(np.uint64) for m in minhashes],
                                   type=pa.list_(pa.uint64())),
         })
 
@@ -107,28 +112,21 @@ def find_duplicates(units: list[str], hashes: list[str], signatures: np.ndarray,
     return duplicate_of
 
 
-def dedup(dataset, *, field: Literal["prompt", "response"] = "prompt", exact: bool = True, near: bool = True,
-          threshold: float = 0.8, num_perm: int = 128, shingle: Literal["char", "word"] = "char",
-          shingle_size: int = 5, log: CurationLog | None = None):
-    """Drop exact and near-duplicate prompts (or responses); keep the first by id.
-
-    Returns the kept rows as a Dataset; removed rows go to `log` with "duplicate of <id>".
-    """
-    log = log if log is not None else CurationLog()
+def _decide(settings: dict, *tables: pa.Table) -> dict:
+    """The global pass, in one task on a worker: the signature tables in, the duplicates out."""
     started = time.perf_counter()
-    dataset = dataset.materialize()  # read once: signatures, the kept rows and the removed rows
-    columns = [schema.ID, schema.MESSAGES] if field == "prompt" else [schema.ID, schema.SAMPLE_INDEX, schema.RESPONSE]
-    signed = dataset.select_columns(columns).map_batches(signature_batch, fn_kwargs=dict(
-        field=field, num_perm=num_perm, shingle=shingle, shingle_size=shingle_size), batch_format="pyarrow",
-        batch_size=1024)
-    table = collect(signed)
-    signed_at = time.perf_counter()
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return {"duplicate_of": {}, "rows": 0, "units": 0, "seconds": 0.0}
+    table = pa.concat_tables(tables)
+    num_perm = settings["num_perm"]
     # several rows of one unit (samples of a prompt): the unit's first row speaks for it
     units, hashes, signature_rows, seen = [], [], [], set()
     unit_column = table.column("unit").to_pylist()
     hash_column = table.column("exact_hash").to_pylist()
+    width = num_perm if settings["near"] else 0
     all_signatures = table.column("signature").combine_chunks().flatten().to_numpy(zero_copy_only=False) \
-        .astype(np.uint64).reshape(len(unit_column), num_perm)
+        .astype(np.uint64).reshape(len(unit_column), width)
     for i, unit in enumerate(unit_column):
         if unit in seen:
             continue
@@ -136,10 +134,33 @@ def dedup(dataset, *, field: Literal["prompt", "response"] = "prompt", exact: bo
         units.append(unit)
         hashes.append(hash_column[i])
         signature_rows.append(i)
-    duplicate_of = find_duplicates(units, hashes, all_signatures[signature_rows], threshold=threshold, exact=exact,
-                                   near=near, num_perm=num_perm)
+    duplicate_of = find_duplicates(units, hashes, all_signatures[signature_rows], threshold=settings["threshold"],
+                                   exact=settings["exact"], near=settings["near"], num_perm=num_perm)
+    return {"duplicate_of": duplicate_of, "rows": len(unit_column), "units": len(units),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def dedup(dataset, *, field: Literal["prompt", "response"] = "prompt", exact: bool = True, near: bool = True,
+          threshold: float = 0.8, num_perm: int = 128, shingle: Literal["char", "word"] = "char",
+          shingle_size: int = 5, log: CurationLog | None = None):
+    """Drop exact and near-duplicate prompts (or responses); keep the first by id.
+
+    Returns the kept rows as a Dataset; removed rows go to `log` with "duplicate of <id>".
+    """
+    import ray
+
+    log = log if log is not None else CurationLog()
+    started = time.perf_counter()
+    dataset = dataset.materialize()  # read once: signatures, the kept rows and the removed rows
+    columns = [schema.ID, schema.MESSAGES] if field == "prompt" else [schema.ID, schema.SAMPLE_INDEX, schema.RESPONSE]
+    signed = dataset.select_columns(columns).map_batches(signature_batch, fn_kwargs=dict(
+        field=field, num_perm=num_perm if near else 0, shingle=shingle, shingle_size=shingle_size), batch_format="pyarrow",
+        batch_size=1024)
+    decide = ray.remote(_decide).options(num_cpus=LIGHT_CPUS)
+    decision = ray.get(decide.remote(dict(threshold=threshold, exact=exact, near=near, num_perm=num_perm),
+                                     *signed.to_arrow_refs()))
+    duplicate_of = decision["duplicate_of"]
     exact_removed = sum(1 for _, how in duplicate_of.values() if how == "exact")
-    decided_at = time.perf_counter()
 
     def is_removed(batch: pa.Table) -> pa.Array:
         ids = batch.column(schema.ID).to_pylist()
@@ -149,26 +170,27 @@ def dedup(dataset, *, field: Literal["prompt", "response"] = "prompt", exact: bo
             else [0] * len(ids)
         return pa.array([f"{i}#{s or 0}" in duplicate_of for i, s in zip(ids, samples)])
 
+    def why(row) -> str:
+        earlier, how = duplicate_of[unit_key(row, field)]
+        return f"duplicate of {earlier.split('#')[0]} ({how})"
+
     kept = dataset
     if duplicate_of:
         kept = dataset.map_batches(lambda b: b.filter(pa.compute.invert(is_removed(b))),
-                                   batch_format="pyarrow").materialize()
-        removed = dataset.map_batches(lambda b: b.filter(is_removed(b)), batch_format="pyarrow")
-        for row in collect(removed).to_pylist():
-            earlier, how = duplicate_of[unit_key(row, field)]
-            log.reject("dedup", row, f"duplicate of {earlier.split('#')[0]} ({how})")
-    rows_in = len(unit_column)
+                                   batch_format="pyarrow", num_cpus=LIGHT_CPUS).materialize()
+        log.reject_rows("dedup", dataset.map_batches(lambda b: b.filter(is_removed(b)), batch_format="pyarrow",
+                                                     num_cpus=LIGHT_CPUS), why)
+    rows_in = decision["rows"]
     log.report("dedup", {
         "field": field,
         "threshold": threshold,
         "rows_in": rows_in,
-        "units_in": len(units),
+        "units_in": decision["units"],
         "units_removed": len(duplicate_of),
         "exact_units_removed": exact_removed,
         "near_units_removed": len(duplicate_of) - exact_removed,
         "rows_out": kept.count() if duplicate_of else rows_in,
-        "signature_seconds": round(signed_at - started, 3),
-        "lsh_seconds": round(decided_at - signed_at, 3),
+        "lsh_seconds": decision["seconds"],
         "seconds": round(time.perf_counter() - started, 3),
     })
     return kept

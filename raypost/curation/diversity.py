@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from raypost import schema
-from raypost.curation.rows import CurationLog, batch_rows, collect, natural_key, prompt_text
+from raypost.curation.rows import LIGHT_CPUS, CurationLog, batch_rows, collect, natural_key, prompt_text
 
 
 def minilm_path() -> Path:
@@ -135,14 +135,17 @@ def diversify(dataset, *, budget: int, n_clusters: int = 8, embedder: Literal["m
         batch = batch.append_column(schema.CLUSTER, pa.array([cluster_of.get(i, -1) for i in batch_ids], type=pa.int32()))
         return batch.filter(pa.array([i in chosen for i in batch_ids]))
 
-    kept = dataset.map_batches(keep, batch_format="pyarrow").materialize()
+    kept = dataset.map_batches(keep, batch_format="pyarrow", num_cpus=LIGHT_CPUS).materialize()
+
+    def why(row) -> str:
+        c = cluster_of.get(str(row[schema.ID]), -1)
+        return (f"not sampled: cluster {c} had {len(members[c])} prompts, "
+                f"its share of the budget of {budget} was {quotas[c]}")
+
     if len(chosen) < len(ids):
         left = dataset.map_batches(lambda b: b.filter(pa.array([str(i) not in chosen for i in b.column(schema.ID).to_pylist()])),
-                                   batch_format="pyarrow")
-        for row in collect(left).to_pylist():
-            c = cluster_of.get(str(row[schema.ID]), -1)
-            log.reject("diversity", row, f"not sampled: cluster {c} had {len(members[c])} prompts, "
-                                         f"its share of the budget of {budget} was {quotas[c]}")
+                                   batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+        log.reject_rows("diversity", left, why)
     log.report("diversity", {
         "embedder": embedder,
         "budget": budget,

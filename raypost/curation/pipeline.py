@@ -22,7 +22,7 @@ import pyarrow as pa
 from raypost import records, schema
 from raypost.config import Resources
 from raypost.curation import config as cfg
-from raypost.curation.rows import CurationLog, collect
+from raypost.curation.rows import LIGHT_CPUS, CurationLog, write_dataset
 
 OUTPUT_SUBDIRS = ("rejected", "sft", "kto", "preference")
 
@@ -50,14 +50,14 @@ def validate(dataset, log: CurationLog):
         problems = [row_problem(r) for r in batch.to_pylist()]
         return batch.append_column("_problem", pa.array(problems, type=pa.string()))
 
-    flagged = dataset.map_batches(flag, batch_format="pyarrow").materialize()
-    bad = collect(flagged.map_batches(lambda b: b.filter(pc.is_valid(b.column("_problem"))), batch_format="pyarrow"))
-    for row in bad.to_pylist():
-        log.reject("input", row, row.pop("_problem"))
+    flagged = dataset.map_batches(flag, batch_format="pyarrow", num_cpus=LIGHT_CPUS).materialize()
+    bad = flagged.map_batches(lambda b: b.filter(pc.is_valid(b.column("_problem"))), batch_format="pyarrow",
+                              num_cpus=LIGHT_CPUS)
+    rejected = log.reject_rows("input", bad, lambda row: row.pop("_problem"))
     good = flagged.map_batches(lambda b: b.filter(pc.is_null(b.column("_problem"))).drop_columns(["_problem"]),
-                               batch_format="pyarrow")
-    log.report("input", {"rows_in": bad.num_rows + good.count(), "rows_rejected": bad.num_rows})
-    return good.materialize()
+                               batch_format="pyarrow", num_cpus=LIGHT_CPUS).materialize()
+    log.report("input", {"rows_in": flagged.count(), "rows_rejected": rejected})
+    return good
 
 
 @dataclass
@@ -183,23 +183,21 @@ def curate(dataset, steps: Sequence[Any], *, output_dir: str | Path, model_refer
     output_dir.mkdir(parents=True, exist_ok=True)
     clear_outputs(output_dir, keep_work)
     resources = resources or Resources()
-    log = CurationLog(rejected=list(rejected))
+    # the rows a step sets aside are committed by the workers; the loader's and the model-call
+    # steps' few decisions are written from here at the end, into the same directory
+    log = CurationLog(rejected=list(rejected), rejected_dir=str(output_dir / "rejected"))
     started = time.perf_counter()
     dataset = validate(dataset, log)
     ctx = StepContext(output_dir=output_dir, log=log, model_reference=model_reference, stage_dir=stage_dir,
                       resources=resources, cache_dir=cache_dir)
     for step in steps:
         dataset = run_step(dataset, step, ctx)
-    rows_out = 0
-    for table in (collect(dataset),):
-        if table.num_rows:
-            records.write_part(output_dir, table.to_pylist(), table.schema)
-            rows_out = table.num_rows
+    rows_out = write_dataset(dataset, output_dir)
     rejected = records.write_rejected(output_dir / "rejected", log.rejected) if log.rejected else 0
     summary = {
         "output_dir": str(output_dir),
         "rows_out": rows_out,
-        "rows_rejected": rejected,
+        "rows_rejected": rejected + sum(log.written.values()),
         "rejected_by_step": log.counts(),
         "rejected_dir": str(output_dir / "rejected"),
         "steps": log.reports,

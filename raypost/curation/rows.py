@@ -2,15 +2,18 @@
 
 Each step is `Dataset -> Dataset`. Rows a step sets aside, and what it measured, go to a
 `CurationLog` the caller passes in, so the function signature stays Dataset in, Dataset out
-and nothing leaves the pipeline without a reason.
+and nothing leaves the pipeline without a reason. In a pipeline run (`curate`) the log has a
+`rejected_dir`: the workers commit the rows a step sets aside there themselves, and only their
+count comes back to the driver; called alone, a step gathers them on the log.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -20,16 +23,37 @@ from raypost import records, schema
 
 @dataclass
 class CurationLog:
-    """Rejected rows (with step and reason) and each step's report, gathered on the driver."""
+    """Rejected rows (with step and reason) and each step's report.
+
+    `rejected`: rows set aside on the driver (a step's few model-call decisions, the loader's
+    unreadable lines). `rejected_dir`: where `reject_rows` has the workers commit the rows of a
+    whole Dataset; `written` counts them per step.
+    """
 
     rejected: list[records.Rejected] = field(default_factory=list)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected_dir: str | None = None
+    written: dict[str, int] = field(default_factory=dict)
 
     def reject(self, step: str, row: dict[str, Any], reason: str) -> None:
-        # logprobs are bulky and say nothing about why a row was set aside
-        kept = {k: v for k, v in row.items() if k != schema.LOGPROBS}
         self.rejected.append(records.Rejected(None if row.get(schema.ID) is None else str(row[schema.ID]),
-                                              kept, f"curate:{step}", reason))
+                                              _without_logprobs(row), f"curate:{step}", reason))
+
+    def reject_rows(self, step: str, dataset, reason: Callable[[dict[str, Any]], str]) -> int:
+        """Set aside every row of `dataset`, each with `reason(row)` (which may pop helper
+        columns off the row). With a `rejected_dir` the workers commit them (parts named by their
+        keys, so a retried task rewrites its own part) and only counts come back; without one
+        they are gathered here. Returns how many rows were set aside."""
+        if self.rejected_dir is None:
+            rows = collect(dataset).to_pylist()
+            for row in rows:
+                self.reject(step, row, reason(row))
+            return len(rows)
+        counts = dataset.map_batches(commit_rejected, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                                     fn_kwargs=dict(directory=self.rejected_dir, step=step, reason=reason))
+        written = total(counts)
+        self.written[step] = self.written.get(step, 0) + written
+        return written
 
     def report(self, step: str, values: dict[str, Any]) -> None:
         key, i = step, 2
@@ -38,12 +62,77 @@ class CurationLog:
         self.reports[key] = values
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = dict(self.written)
         for r in self.rejected:
             out[r.source.split(":", 1)[1]] = out.get(r.source.split(":", 1)[1], 0) + 1
-        return out
+        return {step: n for step, n in out.items() if n}
 
 
+# light row functions must not hold a CPU a model actor of a later step needs
+LIGHT_CPUS = 0.25
+COUNT_SCHEMA = pa.schema([("rows", pa.int64())])
+
+
+def _without_logprobs(row: dict[str, Any]) -> dict[str, Any]:
+    # logprobs are bulky and say nothing about why a row was set aside
+    return {k: v for k, v in row.items() if k != schema.LOGPROBS}
+
+
+def _row_key(row: dict[str, Any]) -> str:
+    return f"{row.get(schema.ID)}\x00{row.get(schema.SAMPLE_INDEX)}"
+
+
+def commit_rejected(batch: pa.Table, *, directory: str, step: str, reason: Callable[[dict[str, Any]], str]) -> pa.Table:
+    """Ray Data batch function: commit the batch's rows to `directory` as rejected rows, in the
+    schema and with the source (`curate:<step>`) of every other rejected row."""
+    from raypost.generation.batches import commit_part
+
+    out, keys = [], []
+    for row in batch.to_pylist():
+        # the sample is part of the key: one id's samples may be set aside for the same reason
+        key = _row_key(row)
+        why = reason(row)
+        out.append({"id": None if row.get(schema.ID) is None else str(row[schema.ID]),
+                    "row": json.dumps(_without_logprobs(row), default=str, ensure_ascii=False),
+                    "source": f"curate:{step}", "reason": why})
+        keys.append(f"curate:{step}\x00{key}\x00{why}\x00{len(keys)}")
+    if out:
+        commit_part(directory, pa.Table.from_pylist(out, schema=schema.REJECTED_SCHEMA), keys)
+    return pa.table({"rows": [len(out)]}, schema=COUNT_SCHEMA)
+
+
+def commit_rows(batch: pa.Table, *, directory: str) -> pa.Table:
+    """Ray Data batch function: commit the batch as one Parquet part of `directory`, named by its
+    rows' keys (id, sample), so a retried task rewrites its own part."""
+    from raypost.generation.batches import commit_part
+
+    if batch.num_rows:
+        ids = batch.column(schema.ID).to_pylist() if schema.ID in batch.column_names else [None] * batch.num_rows
+        samples = batch.column(schema.SAMPLE_INDEX).to_pylist() if schema.SAMPLE_INDEX in batch.column_names \
+            else [None] * batch.num_rows
+        commit_part(directory, batch, [f"{i}\x00{s}\x00{n}" for n, (i, s) in enumerate(zip(ids, samples))])
+    return pa.table({"rows": [batch.num_rows]}, schema=COUNT_SCHEMA)
+
+
+def write_dataset(dataset, directory: str | Path) -> int:
+    """Every row of `dataset` committed to `directory` by the workers; returns the row count."""
+    return total(dataset.map_batches(commit_rows, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                                     fn_kwargs=dict(directory=str(directory))))
+
+
+def total(counts, column: str = "rows") -> int:
+    """The sum of a count column over the small rows the workers sent back (one per block)."""
+    return totals(counts, [column])[column]
+
+
+def totals(counts, columns: list[str]) -> dict[str, int]:
+    """Count columns summed over the workers' count rows (one per block): the rows themselves
+    stay on the workers; running `counts` runs the writes it stands for, once."""
+    out = {c: 0 for c in columns}
+    for row in counts.iter_rows():
+        for c in columns:
+            out[c] += int(row[c] or 0)
+    return out
 def natural_key(value: Any) -> tuple:
     """`gsm8k-9` before `gsm8k-10`: ids compare by their digit runs as numbers."""
     parts = re.split(r"(\d+)", str(value))

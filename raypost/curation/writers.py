@@ -14,13 +14,14 @@ pair, else from `response` labelled by `verified`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 
 from raypost import records, schema
-from raypost.curation.rows import CurationLog, collect, column_names
+from raypost.curation.rows import CurationLog, column_names
 
 CHAT = pa.list_(schema.MESSAGE_TYPE)
 SFT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", CHAT), ("completion", CHAT)])
@@ -78,45 +79,94 @@ def preference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+STAT_COLUMNS = ["rows", "sft", "sft_skipped", "kto", "desirable", "undesirable", "kto_skipped", "preference"]
+
+
+def write_sets_batch(batch: pa.Table, *, output_dir: str, sft_from: str | None, kto_from: str | None,
+                     preference: bool, rejected_dir: str | None) -> pa.Table:
+    """Ray Data batch function: the batch's training examples committed as one part per set, named
+    by their rows' keys. Rows that give no SFT example are committed as rejected rows when there
+    is a `rejected_dir`, else returned (JSON) for the caller's log. One row of counts out."""
+    from raypost.curation.rows import commit_rejected
+    from raypost.generation.batches import commit_part
+
+    rows = batch.to_pylist()
+    keys = [f"{r.get(schema.ID)}\x00{r.get(schema.SAMPLE_INDEX)}\x00{n}" for n, r in enumerate(rows)]
+    stats = {c: 0 for c in STAT_COLUMNS}
+    stats["rows"] = len(rows)
+    skipped: list[tuple[dict, str]] = []
+    if sft_from is not None:
+        written, skipped = sft_rows(rows, sft_from)
+        commit_part(Path(output_dir) / "sft", pa.Table.from_pylist(written, schema=SFT_SCHEMA), keys)
+        stats["sft"], stats["sft_skipped"] = len(written), len(skipped)
+    if kto_from is not None:
+        written, kto_skipped = kto_rows(rows, kto_from)
+        commit_part(Path(output_dir) / "kto", pa.Table.from_pylist(written, schema=KTO_SCHEMA), keys)
+        stats.update(kto=len(written), desirable=sum(r["label"] for r in written),
+                     undesirable=sum(not r["label"] for r in written), kto_skipped=len(kto_skipped))
+    if preference:
+        written = preference_rows(rows)
+        commit_part(Path(output_dir) / "preference", pa.Table.from_pylist(written, schema=PREFERENCE_SCHEMA), keys)
+        stats["preference"] = len(written)
+    returned = []
+    if skipped and rejected_dir is not None:
+        table = pa.Table.from_pylist([{**row, "_reason": reason} for row, reason in skipped])
+        commit_rejected(table, directory=rejected_dir, step="write", reason=lambda row: row.pop("_reason"))
+    elif skipped:
+        returned = [json.dumps({"row": row, "reason": reason}, default=str, ensure_ascii=False) for row, reason in skipped]
+    return pa.table({**{c: [stats[c]] for c in STAT_COLUMNS}, "skipped": [returned]},
+                    schema=pa.schema([*(pa.field(c, pa.int64()) for c in STAT_COLUMNS),
+                                      pa.field("skipped", pa.list_(pa.string()))]))
+
+
 def write_training_sets(dataset, output_dir: str | Path, *, formats: list[Format] = ("sft", "kto", "preference"),
                         sft_from: Literal["auto", "target", "best", "response"] = "auto",
                         kto_from: Literal["auto", "select", "verified"] = "auto",
                         log: CurationLog | None = None) -> dict[str, Any]:
     """Write `<output_dir>/sft`, `/kto`, `/preference` (as asked and as the columns allow); returns counts.
 
-    Rows that cannot give an SFT example go to `log` with the reason; a missing KTO or
-    preference example is counted (not every prompt has a pair).
+    The workers write the examples (a part per block and set); only counts come back. Rows that
+    cannot give an SFT example go to `log` with the reason; a missing KTO or preference example
+    is counted (not every prompt has a pair).
     """
+    from raypost.curation.rows import LIGHT_CPUS
+
     log = log if log is not None else CurationLog()
     output_dir = Path(output_dir)
     names = set(column_names(dataset))
-    rows = collect(dataset).to_pylist() if dataset.count() else []
     report: dict[str, Any] = {}
+    sft_source = kto_source = None
     if "sft" in formats:
-        source = sft_from if sft_from != "auto" else next(
+        sft_source = sft_from if sft_from != "auto" else next(
             (c for c in (schema.TARGET, schema.BEST, schema.RESPONSE) if c in names), schema.RESPONSE)
-        written, skipped = sft_rows(rows, source)
-        for row, reason in skipped:
-            log.reject("write", row, reason)
-        records.write_part(output_dir / "sft", written, SFT_SCHEMA)
-        report["sft"] = {"rows": len(written), "from": source, "skipped": len(skipped), "dir": str(output_dir / "sft")}
     if "kto" in formats:
-        source = kto_from if kto_from != "auto" else ("select" if schema.BEST in names else "verified")
-        if source == "verified" and schema.VERIFIED not in names:
-            report["kto"] = {"rows": 0, "from": source, "note": "no `verified` column: add a verify step before write"}
-        else:
-            written, skipped = kto_rows(rows, source)
-            records.write_part(output_dir / "kto", written, KTO_SCHEMA)
-            report["kto"] = {"rows": len(written), "from": source, "desirable": sum(r["label"] for r in written),
-                             "undesirable": sum(not r["label"] for r in written), "skipped": len(skipped),
-                             "dir": str(output_dir / "kto")}
-    if "preference" in formats:
-        if schema.BEST not in names:
-            report["preference"] = {"rows": 0, "note": "no `best`/`worst` columns: add a select step before write"}
-        else:
-            written = preference_rows(rows)
-            records.write_part(output_dir / "preference", written, PREFERENCE_SCHEMA)
-            report["preference"] = {"rows": len(written), "without_pair": len(rows) - len(written),
-                                    "dir": str(output_dir / "preference")}
+        kto_source = kto_from if kto_from != "auto" else ("select" if schema.BEST in names else "verified")
+        if kto_source == "verified" and schema.VERIFIED not in names:
+            report["kto"] = {"rows": 0, "from": kto_source, "note": "no `verified` column: add a verify step before write"}
+            kto_source = None
+    preference = "preference" in formats and schema.BEST in names
+    if "preference" in formats and not preference:
+        report["preference"] = {"rows": 0, "note": "no `best`/`worst` columns: add a select step before write"}
+    stats = {c: 0 for c in STAT_COLUMNS}
+    if sft_source is not None or kto_source is not None or preference:
+        counts = dataset.map_batches(write_sets_batch, batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs=dict(
+            output_dir=str(output_dir), sft_from=sft_source, kto_from=kto_source, preference=preference,
+            rejected_dir=log.rejected_dir))
+        for row in counts.iter_rows():
+            for c in STAT_COLUMNS:
+                stats[c] += int(row[c])
+            for text in row["skipped"] or []:
+                skipped = json.loads(text)
+                log.reject("write", skipped["row"], skipped["reason"])
+        if log.rejected_dir is not None and stats["sft_skipped"]:
+            log.written["write"] = log.written.get("write", 0) + stats["sft_skipped"]
+    if sft_source is not None:
+        report["sft"] = {"rows": stats["sft"], "from": sft_source, "skipped": stats["sft_skipped"], "dir": str(output_dir / "sft")}
+    if kto_source is not None:
+        report["kto"] = {"rows": stats["kto"], "from": kto_source, "desirable": stats["desirable"],
+                         "undesirable": stats["undesirable"], "skipped": stats["kto_skipped"], "dir": str(output_dir / "kto")}
+    if preference:
+        report["preference"] = {"rows": stats["preference"], "without_pair": stats["rows"] - stats["preference"],
+                                "dir": str(output_dir / "preference")}
     log.report("write", report)
     return report

@@ -1,0 +1,130 @@
+"""Curation at scale: does the driver's memory stay flat as the rows grow?
+
+    python bench/scale_curate.py                      # 10k and 1M rows, today's path and the legacy one
+    python bench/scale_curate.py --sizes 10000 300000 --no-legacy
+
+For each size a generate stage's output is written directly (Parquet parts of the generation
+schema: one response per prompt, every 10th answer wrong, every 50th prompt a repeat of an
+earlier one), and a fresh driver process runs `curate` over it with the steps that need no model:
+exact dedup, math verification, and the SFT and KTO sets. The driver reports its own peak RSS
+(ru_maxrss: the driver alone, not Ray's workers) and rows/s. `--legacy-ref` runs the same
+through the code path before the workers wrote curation's rows (the driver gathered the curated
+table, every rejected row and the training sets), checked out from git into a temp dir. Both
+must produce the same counts. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scale import legacy_tree, run_child  # noqa: E402
+
+CHILD = """
+import json, resource, sys, time
+from raypost.curation import curate
+from raypost.curation.config import DedupStep, VerifyStep, WriteStep
+from raypost.curation.rows import read_stage
+from raypost.runtime import ensure_ray
+
+if __name__ == "__main__":
+    parts, out = sys.argv[1], sys.argv[2]
+    ensure_ray()
+    started = time.perf_counter()
+    summary = curate(read_stage(parts), [DedupStep(step="dedup", near=False), VerifyStep(step="verify"),
+                                         WriteStep(step="write", formats=["sft", "kto"])], output_dir=out)
+    seconds = time.perf_counter() - started
+    print("RESULT", json.dumps({"rows_out": summary["rows_out"], "rows_rejected": summary["rows_rejected"],
+                                "rejected_by_step": summary["rejected_by_step"],
+                                "sft": summary["steps"]["write"]["sft"]["rows"],
+                                "kto": summary["steps"]["write"]["kto"]["rows"], "seconds": seconds,
+                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+"""
+
+
+def write_generations(directory: Path, rows: int, files: int) -> Path:
+    """A generate stage's output of `rows` prompts in `files` parts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypost import schema
+
+    directory.mkdir(parents=True, exist_ok=True)
+    per_file = -(-rows // files)
+    for f in range(files):
+        ids = range(f * per_file, min(rows, (f + 1) * per_file))
+        # every 50th prompt repeats the question of the one before it (exact dedup has work)
+        question = [f"What is {i - 1 if i % 50 == 0 and i else i} plus {i - 1 if i % 50 == 0 and i else i}? "
+                    "Show the steps." for i in ids]
+        table = pa.table({
+            schema.ID: [f"q{i}" for i in ids],
+            schema.SAMPLE_INDEX: [0] * len(ids),
+            schema.MESSAGES: [[{"role": "user", "content": q}] for q in question],
+            schema.REFERENCE: [f"#### {2 * (i - 1 if i % 50 == 0 and i else i)}" for i in ids],
+            schema.RESPONSE: [f"The sum is {2 * i + (1 if i % 10 == 3 else 0)}. #### {2 * i + (1 if i % 10 == 3 else 0)}"
+                              for i in ids],
+        })
+        pq.write_table(table, directory / f"part-{f:04d}.parquet")
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
+    parser.add_argument("--files", type=int, default=8, help="Parquet parts per size")
+    parser.add_argument("--legacy-ref", default="d5ef44f", help="git ref of the driver-side curation path")
+    parser.add_argument("--no-legacy", action="store_true")
+    parser.add_argument("--work-dir", default=None)
+    args = parser.parse_args()
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="raypost-scale-curate-"))
+    legacy_path = None if args.no_legacy else legacy_tree(args.legacy_ref, Path(tempfile.mkdtemp(prefix="raypost-legacy-")))
+    result: dict = {"steps": ["dedup(exact)", "verify(math)", "write(sft,kto)"], "parts_per_size": args.files,
+                    "sizes": args.sizes}
+    label = {10_000: "10k", 100_000: "100k", 300_000: "300k", 1_000_000: "1m"}
+    counts: dict[str, dict] = {}
+    for size in args.sizes:
+        name = label.get(size, str(size))
+        parts = write_generations(work / f"generations-{size}", size, args.files)
+        for path_name, pythonpath in (("", str(REPO)), ("legacy_", legacy_path)):
+            if pythonpath is None:
+                continue
+            out = work / f"out-{path_name or 'new_'}{size}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            started = time.perf_counter()
+            measured = run_child(CHILD, pythonpath, parts, out)
+            print(f"{path_name or 'streaming_'}{name}: {measured} ({time.perf_counter() - started:.0f} s with start-up)",
+                  file=sys.stderr, flush=True)
+            if measured is None:
+                result[f"{path_name}failed_{name}"] = True
+                continue
+            result[f"{path_name}driver_peak_rss_mb_{name}"] = round(measured["peak_rss_mb"], 1)
+            result[f"{path_name}rows_per_s_{name}"] = round(size / measured["seconds"], 1)
+            result[f"{path_name}seconds_{name}"] = round(measured["seconds"], 1)
+            counts.setdefault(name, {})[path_name or "streaming"] = {
+                k: measured[k] for k in ("rows_out", "rows_rejected", "rejected_by_step", "sft", "kto")}
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+        subprocess.run(["rm", "-rf", str(parts)], check=True)
+    small, large = label.get(args.sizes[0], str(args.sizes[0])), label.get(args.sizes[-1], str(args.sizes[-1]))
+    for prefix in ("", "legacy_"):
+        if small != large and f"{prefix}driver_peak_rss_mb_{large}" in result and f"{prefix}driver_peak_rss_mb_{small}" in result:
+            result[f"{prefix}driver_rss_ratio_{large}_vs_{small}"] = round(
+                result[f"{prefix}driver_peak_rss_mb_{large}"] / result[f"{prefix}driver_peak_rss_mb_{small}"], 3)
+            result[f"{prefix}rows_per_s_ratio_{large}_vs_{small}"] = round(
+                result[f"{prefix}rows_per_s_{large}"] / result[f"{prefix}rows_per_s_{small}"], 3)
+    result["counts"] = counts
+    result["same_counts"] = all(len({json.dumps(v, sort_keys=True) for v in by_path.values()}) == 1
+                                for by_path in counts.values())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
