@@ -83,3 +83,12 @@ def save(figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     pyplot().close(figure)
+
+
+def finish(out: dict, root: Path, plot_file: str, started: float, plot) -> None:
+    """The lab's closing: its wall time, the plot, the overlay report's path, and the JSON line."""
+    out["lab_seconds"] = round(time.perf_counter() - started, 1)
+    plot(Path(plot_file), out)
+    out["plot"] = plot_file
+    out["report"] = str(root / "report" / "index.html")
+    print(json.dumps(out))

@@ -132,11 +132,7 @@ def main() -> None:
                         for a, b in [*CONTRASTS, *[("base", s) for s in args.strategies]] if a in units and b in units}
     out["units"] = int(len(units["base"][0]))
     out["seconds"] = seconds
-    out["lab_seconds"] = round(time.perf_counter() - started, 1)
-    plot(Path(args.plot), out)
-    out["plot"] = args.plot
-    out["report"] = str(root / "report" / "index.html")
-    print(json.dumps(out))
+    lab.finish(out, root, args.plot, started, plot)
 
 
 def plot(path: Path, out: dict) -> None:

@@ -125,11 +125,7 @@ def main() -> None:
     out["contrasts"] = contrasts
     out["units"] = int(len(sft))
     out["seconds"] = seconds
-    out["lab_seconds"] = round(time.perf_counter() - started, 1)
-    plot(Path(args.plot), out)
-    out["plot"] = args.plot
-    out["report"] = str(root / "report" / "index.html")
-    print(json.dumps(out))
+    lab.finish(out, root, args.plot, started, plot)
 
 
 def plot(path: Path, out: dict) -> None:

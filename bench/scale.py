@@ -116,6 +116,37 @@ def legacy_tree(ref: str, into: Path) -> str:
     return str(into)
 
 
+def measure(result: dict, code: str, pythonpath: str, inputs: Path, out: Path, prefix: str, name: str,
+            rows: int) -> dict | None:
+    """Run one child driver over `inputs` into a fresh `out`; its peak RSS, rows/s and seconds go
+    into `result` under `prefix` and the size's `name`. Returns what the child reported."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    started = time.perf_counter()
+    measured = run_child(code, pythonpath, inputs, out)
+    print(f"{prefix or 'streaming_'}{name}: {measured} ({time.perf_counter() - started:.0f} s with start-up)",
+          file=sys.stderr, flush=True)
+    if measured is None:
+        result[f"{prefix}failed_{name}"] = True
+    else:
+        result[f"{prefix}driver_peak_rss_mb_{name}"] = round(measured["peak_rss_mb"], 1)
+        result[f"{prefix}rows_per_s_{name}"] = round(rows / measured["seconds"], 1)
+        result[f"{prefix}seconds_{name}"] = round(measured["seconds"], 1)
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    return measured
+
+
+def ratios(result: dict, names: list[str]) -> None:
+    """The largest size against the smallest: driver RSS and rows/s, for each code path measured."""
+    small, large = names[0], names[-1]
+    for prefix in ("", "legacy_"):
+        if small != large and f"{prefix}driver_peak_rss_mb_{large}" in result \
+                and f"{prefix}driver_peak_rss_mb_{small}" in result:
+            result[f"{prefix}driver_rss_ratio_{large}_vs_{small}"] = round(
+                result[f"{prefix}driver_peak_rss_mb_{large}"] / result[f"{prefix}driver_peak_rss_mb_{small}"], 3)
+            result[f"{prefix}rows_per_s_ratio_{large}_vs_{small}"] = round(
+                result[f"{prefix}rows_per_s_{large}"] / result[f"{prefix}rows_per_s_{small}"], 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
@@ -134,29 +165,9 @@ def main() -> None:
         name = label.get(size, str(size))
         shards = write_shards(work / f"prompts-{size}", size, args.files)
         for path_name, code, pythonpath in (("", CHILD_NEW, str(REPO)), ("legacy_", CHILD_LEGACY, legacy_path)):
-            if pythonpath is None:
-                continue
-            out = work / f"out-{path_name or 'new_'}{size}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            started = time.perf_counter()
-            measured = run_child(code, pythonpath, shards, out)
-            print(f"{path_name or 'streaming_'}{name}: {measured} ({time.perf_counter() - started:.0f} s with start-up)",
-                  file=sys.stderr, flush=True)
-            if measured is None:
-                result[f"{path_name}failed_{name}"] = True
-                continue
-            result[f"{path_name}driver_peak_rss_mb_{name}"] = round(measured["peak_rss_mb"], 1)
-            result[f"{path_name}rows_per_s_{name}"] = round(measured["rows"] / measured["seconds"], 1)
-            result[f"{path_name}seconds_{name}"] = round(measured["seconds"], 1)
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-    for prefix in ("", "legacy_"):
-        small, large = label.get(args.sizes[0], str(args.sizes[0])), label.get(args.sizes[-1], str(args.sizes[-1]))
-        if f"{prefix}driver_peak_rss_mb_{large}" in result and f"{prefix}driver_peak_rss_mb_{small}" in result \
-                and small != large:
-            result[f"{prefix}driver_rss_ratio_{large}_vs_{small}"] = round(
-                result[f"{prefix}driver_peak_rss_mb_{large}"] / result[f"{prefix}driver_peak_rss_mb_{small}"], 3)
-            result[f"{prefix}rows_per_s_ratio_{large}_vs_{small}"] = round(
-                result[f"{prefix}rows_per_s_{large}"] / result[f"{prefix}rows_per_s_{small}"], 3)
+            if pythonpath is not None:
+                measure(result, code, pythonpath, shards, work / f"out-{path_name or 'new_'}{size}", path_name, name, size)
+    ratios(result, [label.get(s, str(s)) for s in args.sizes])
     if not args.no_kill:
         size = args.sizes[-1]
         name = label.get(size, str(size))

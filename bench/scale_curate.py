@@ -20,13 +20,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import legacy_tree, run_child  # noqa: E402
+from scale import legacy_tree, measure, ratios  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
@@ -94,32 +93,15 @@ def main() -> None:
     for size in args.sizes:
         name = label.get(size, str(size))
         parts = write_generations(work / f"generations-{size}", size, args.files)
-        for path_name, pythonpath in (("", str(REPO)), ("legacy_", legacy_path)):
+        for prefix, pythonpath in (("", str(REPO)), ("legacy_", legacy_path)):
             if pythonpath is None:
                 continue
-            out = work / f"out-{path_name or 'new_'}{size}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            started = time.perf_counter()
-            measured = run_child(CHILD, pythonpath, parts, out)
-            print(f"{path_name or 'streaming_'}{name}: {measured} ({time.perf_counter() - started:.0f} s with start-up)",
-                  file=sys.stderr, flush=True)
-            if measured is None:
-                result[f"{path_name}failed_{name}"] = True
-                continue
-            result[f"{path_name}driver_peak_rss_mb_{name}"] = round(measured["peak_rss_mb"], 1)
-            result[f"{path_name}rows_per_s_{name}"] = round(size / measured["seconds"], 1)
-            result[f"{path_name}seconds_{name}"] = round(measured["seconds"], 1)
-            counts.setdefault(name, {})[path_name or "streaming"] = {
-                k: measured[k] for k in ("rows_out", "rows_rejected", "rejected_by_step", "sft", "kto")}
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            measured = measure(result, CHILD, pythonpath, parts, work / f"out-{prefix or 'new_'}{size}", prefix, name, size)
+            if measured is not None:
+                counts.setdefault(name, {})[prefix or "streaming"] = {
+                    k: measured[k] for k in ("rows_out", "rows_rejected", "rejected_by_step", "sft", "kto")}
         subprocess.run(["rm", "-rf", str(parts)], check=True)
-    small, large = label.get(args.sizes[0], str(args.sizes[0])), label.get(args.sizes[-1], str(args.sizes[-1]))
-    for prefix in ("", "legacy_"):
-        if small != large and f"{prefix}driver_peak_rss_mb_{large}" in result and f"{prefix}driver_peak_rss_mb_{small}" in result:
-            result[f"{prefix}driver_rss_ratio_{large}_vs_{small}"] = round(
-                result[f"{prefix}driver_peak_rss_mb_{large}"] / result[f"{prefix}driver_peak_rss_mb_{small}"], 3)
-            result[f"{prefix}rows_per_s_ratio_{large}_vs_{small}"] = round(
-                result[f"{prefix}rows_per_s_{large}"] / result[f"{prefix}rows_per_s_{small}"], 3)
+    ratios(result, [label.get(s, str(s)) for s in args.sizes])
     result["counts"] = counts
     result["same_counts"] = all(len({json.dumps(v, sort_keys=True) for v in by_path.values()}) == 1
                                 for by_path in counts.values())
