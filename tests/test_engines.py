@@ -100,8 +100,14 @@ if __name__ == "__main__":
     seconds = time.perf_counter() - started
     swapped = logprobs()
     engine.load_weights(first)
-    print("RESULT", json.dumps({"fresh": fresh, "before": before, "swapped": swapped, "back": logprobs(),
-                                "seconds": seconds}), flush=True)
+    back = logprobs()
+    # seeded sampling of more prompt tokens than one engine step takes: on CPUs a partly
+    # prefilled seeded request used to kill the engine (its generator cannot rewind)
+    seeded = SamplingConfig(n=2, temperature=1.0, seed=3, max_tokens=8)
+    long = [Request(f"l{i}", [{"role": "user", "content": f"Item {i}: " + "word " * 150}]) for i in range(64)]
+    passes = [[[c.text for c in out] for out in engine.generate(long, seeded)] for _ in range(2)]
+    print("RESULT", json.dumps({"fresh": fresh, "before": before, "swapped": swapped, "back": back,
+                                "seconds": seconds, "seeded": passes}), flush=True)
     engine.close()
 """
 
@@ -112,7 +118,8 @@ def test_vllm_engine_takes_new_weights_in_place(tiny_model, tmp_path):
     """The closed loop's student on vLLM: a trained checkpoint goes into the running engine (no
     restart) and it then answers as an engine started on that checkpoint does (the tiny model
     ties its word embeddings, as SmolLM2 does: its output layer must follow); the old weights back
-    in give the old answers again."""
+    in give the old answers again. Seeded sampling over more prompt tokens than one engine step
+    holds answers every request, the same twice."""
     import json
     import os
     import subprocess
@@ -135,3 +142,33 @@ def test_vllm_engine_takes_new_weights_in_place(tiny_model, tmp_path):
     assert not same(out["swapped"], out["before"])
     assert same(out["swapped"], out["fresh"]), out
     assert same(out["back"], out["before"])
+    first_pass, second_pass = out["seeded"]
+    assert [len(o) for o in first_pass] == [2] * 64 and first_pass == second_pass
+
+
+def test_a_dead_engine_stops_the_batch_instead_of_failing_each_row():
+    """One row the engine cannot answer fails alone; an engine whose core is gone (vLLM's
+    EngineDeadError) stops the batch, so no run records every row as a wrong answer."""
+    from raypost.engines.base import Completion, EngineDead, generate_each
+
+    class EngineDeadError(RuntimeError):   # vLLM's name for an engine whose core process died
+        pass
+
+    class Engine:   # stands in for a backend; generate_each is what is tested
+        backend = "stub"
+
+        def __init__(self, dead: bool):
+            self.dead = dead
+
+        def generate(self, requests, sampling):
+            if self.dead:
+                raise EngineDeadError("EngineCore encountered an issue")
+            if any(r.id == "bad" for r in requests):
+                raise ValueError("prompt too long")
+            return [[Completion(text=r.id, completion_tokens=1, prompt_tokens=1)] for r in requests]
+
+    requests = [Request(i, [{"role": "user", "content": i}]) for i in ("a", "bad", "c")]
+    answers = generate_each(Engine(dead=False), requests, SamplingConfig())
+    assert [a if isinstance(a, str) else a[0].text for a in answers] == ["a", "ValueError: prompt too long", "c"]
+    with pytest.raises(EngineDead, match="EngineDeadError"):
+        generate_each(Engine(dead=True), requests, SamplingConfig())

@@ -65,13 +65,26 @@ def row_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+class EngineDead(RuntimeError):
+    """The engine cannot answer anything any more: not a failed row but a failed run."""
+
+
+def engine_dead(error: BaseException) -> bool:
+    """vLLM's EngineDeadError (its engine core process is gone): by name, so that no backend
+    needs vLLM installed to tell."""
+    return isinstance(error, EngineDead) or any(c.__name__ == "EngineDeadError" for c in type(error).__mro__)
+
+
 def generate_each(engine: Engine, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[Completion] | str]:
     """`engine.generate`, where one request the engine cannot answer does not cost the others:
     the batch first, then (if it failed) request by request. A failed request comes back as its
-    reason (`row_error`), in place."""
+    reason (`row_error`), in place. A dead engine raises `EngineDead`: every request would fail
+    with it, and a run must stop (and resume later) instead of recording them as wrong answers."""
     try:
         return engine.generate(requests, sampling)
     except Exception as error:
+        if engine_dead(error):
+            raise EngineDead(row_error(error)) from error
         if len(requests) == 1:
             return [row_error(error)]
     results: list[list[Completion] | str] = []
@@ -79,6 +92,8 @@ def generate_each(engine: Engine, requests: Sequence[Request], sampling: Samplin
         try:
             results.extend(engine.generate([request], sampling))
         except Exception as error:  # the row keeps its reason
+            if engine_dead(error):
+                raise EngineDead(row_error(error)) from error
             results.append(row_error(error))
     return results
 

@@ -38,11 +38,20 @@ def vllm_env(on_gpu: bool) -> dict[str, str]:
     return env
 
 
-def vllm_engine_kwargs(config: EngineConfig, tensor_parallel_size: int = 1) -> dict[str, Any]:
-    """Engine kwargs shared by the in-process engine, ray.data.llm and ray.serve.llm."""
+def vllm_engine_kwargs(config: EngineConfig, tensor_parallel_size: int = 1, *, on_gpu: bool = True) -> dict[str, Any]:
+    """Engine kwargs shared by the in-process engine, ray.data.llm and ray.serve.llm.
+
+    On CPUs chunked prefill is off unless `vllm_kwargs` turns it on: a step that prefills part of
+    a prompt discards what it sampled for it, and for a request with its own `seed` vLLM then
+    rewinds the request's generator, which a CPU generator cannot do ("CPU Generator does not use
+    offset"): the engine dies. Without chunking every prompt is prefilled whole
+    (`max_num_batched_tokens` at least `max_model_len`), so nothing is discarded.
+    """
     kwargs: dict[str, Any] = {"dtype": config.dtype, "tensor_parallel_size": tensor_parallel_size}
     if config.max_model_len:
         kwargs["max_model_len"] = config.max_model_len
+    if not on_gpu:
+        kwargs["enable_chunked_prefill"] = False
     kwargs.update(config.vllm_kwargs)
     return kwargs
 
@@ -116,7 +125,8 @@ class VLLMEngine:
     def __init__(self, model_path: str, config: EngineConfig, model_name: str | None = None, tensor_parallel_size: int = 1):
         import torch
 
-        for key, value in vllm_env(on_gpu=torch.cuda.is_available()).items():
+        on_gpu = torch.cuda.is_available()
+        for key, value in vllm_env(on_gpu=on_gpu).items():
             os.environ.setdefault(key, value)
         from vllm import LLM
 
@@ -126,7 +136,7 @@ class VLLMEngine:
         self.started_at = segment_clock()
         from raypost.engines.vllm_weights import EXTENSION
 
-        kwargs = {"worker_extension_cls": EXTENSION, **vllm_engine_kwargs(config, tensor_parallel_size)}
+        kwargs = {"worker_extension_cls": EXTENSION, **vllm_engine_kwargs(config, tensor_parallel_size, on_gpu=on_gpu)}
         self.llm = LLM(model=str(model_path), **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -18,7 +18,7 @@ from raypost.generation.batches import LIGHT_CPUS
 def processor_config(model_path: Path, engine: EngineConfig, resources: Resources):
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    kwargs = vllm_engine_kwargs(engine, resources.tensor_parallel_size)
+    kwargs = vllm_engine_kwargs(engine, resources.tensor_parallel_size, on_gpu=resources.gpus_per_actor > 0)
     if resources.gpus_per_actor > 0:
         placement = {"bundle_per_worker": {"GPU": 1, "CPU": resources.cpus_per_actor}}
     else:

@@ -85,7 +85,8 @@ def llm_configs(config: ServeConfig) -> list[Any]:
         env = vllm_env(on_gpu=bool(model.gpus_per_replica))
         source = str(resolve_model(model.model, config.cache_dir))
         engine = EngineConfig(backend="vllm", max_model_len=model.max_model_len, dtype=model.dtype, vllm_kwargs=model.vllm_kwargs)
-        engine_kwargs = vllm_engine_kwargs(engine, int(model.vllm_kwargs.get("tensor_parallel_size", 1)))
+        engine_kwargs = vllm_engine_kwargs(engine, int(model.vllm_kwargs.get("tensor_parallel_size", 1)),
+                                           on_gpu=bool(model.gpus_per_replica))
         # Engine metrics are off (log_engine_metrics=False), so the per-step stats vLLM's async
         # engine keeps by default would only feed a log line; LLM.generate skips them too.
         engine_kwargs.setdefault("disable_log_stats", True)
