@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from raypost import records, schema
+from raypost.generation.batches import LIGHT_CPUS  # light row functions, as in generation
 
 
 @dataclass
@@ -68,8 +69,6 @@ class CurationLog:
         return {step: n for step, n in out.items() if n}
 
 
-# light row functions must not hold a CPU a model actor of a later step needs
-LIGHT_CPUS = 0.25
 COUNT_SCHEMA = pa.schema([("rows", pa.int64())])
 
 
@@ -107,11 +106,16 @@ def commit_rows(batch: pa.Table, *, directory: str) -> pa.Table:
     from raypost.generation.batches import commit_part
 
     if batch.num_rows:
-        ids = batch.column(schema.ID).to_pylist() if schema.ID in batch.column_names else [None] * batch.num_rows
-        samples = batch.column(schema.SAMPLE_INDEX).to_pylist() if schema.SAMPLE_INDEX in batch.column_names \
-            else [None] * batch.num_rows
-        commit_part(directory, batch, [f"{i}\x00{s}\x00{n}" for n, (i, s) in enumerate(zip(ids, samples))])
+        commit_part(directory, batch, part_keys(batch))
     return pa.table({"rows": [batch.num_rows]}, schema=COUNT_SCHEMA)
+
+
+def part_keys(batch: pa.Table) -> list[str]:
+    """One key per row of a block (id, sample, position): what names the parts written from it."""
+    def column(name: str) -> list:
+        return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+    return [f"{i}\x00{s}\x00{n}" for n, (i, s) in enumerate(zip(column(schema.ID), column(schema.SAMPLE_INDEX)))]
 
 
 def write_dataset(dataset, directory: str | Path) -> int:

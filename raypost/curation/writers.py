@@ -87,11 +87,11 @@ def write_sets_batch(batch: pa.Table, *, output_dir: str, sft_from: str | None, 
     """Ray Data batch function: the batch's training examples committed as one part per set, named
     by their rows' keys. Rows that give no SFT example are committed as rejected rows when there
     is a `rejected_dir`, else returned (JSON) for the caller's log. One row of counts out."""
-    from raypost.curation.rows import commit_rejected
+    from raypost.curation.rows import commit_rejected, part_keys
     from raypost.generation.batches import commit_part
 
     rows = batch.to_pylist()
-    keys = [f"{r.get(schema.ID)}\x00{r.get(schema.SAMPLE_INDEX)}\x00{n}" for n, r in enumerate(rows)]
+    keys = part_keys(batch)
     stats = {c: 0 for c in STAT_COLUMNS}
     stats["rows"] = len(rows)
     skipped: list[tuple[dict, str]] = []
