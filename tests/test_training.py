@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,17 @@ def rows_for(method: str, n: int = 4) -> list[dict]:
             rows.append({"prompt": _user(i), "chosen": _assistant(f"{i} plus {i} is {2 * i}."),
                          "rejected": _assistant("I do not know, sorry.")})
     return rows
+
+
+def assert_no_train_controller_left(wait_s: float = 60) -> None:
+    """No Ray Train controller process of this session is alive (an actor's process ends a moment
+    after its last handle goes, hence the wait; a controller that is still referenced never ends)."""
+    from tests.conftest import session_processes
+
+    deadline = time.monotonic() + wait_s
+    while (left := [p for p in session_processes() if "TrainController" in p[1]]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray Train controllers still alive after training returned: {left}"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -169,8 +182,12 @@ def test_row_packing_keeps_documents_apart(tiny_model):
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_method_loss_falls_and_exports(method, tmp_path, tiny_model, ray_local):
     data = write_jsonl(tmp_path / f"{method}.jsonl", rows_for(method))
+    handler = signal.getsignal(signal.SIGINT)
     result = train(small_config(method), model=str(tiny_model), dataset=data, output_dir=tmp_path / "out")
     assert result.steps == 5
+    # the run's controller ends with the run: Ray Train's Ctrl-C handler (which held it) is gone
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert_no_train_controller_left()
     history = losses(result)
     assert len(history) == 5 and history[-1] < history[0], history
     if method != "orpo":  # TRL's ORPO logs no token count

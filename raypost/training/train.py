@@ -118,6 +118,24 @@ def _copy_model(checkpoint_dir: Path, target: Path) -> None:
     tmp.rename(target)
 
 
+def _fit(trainer):
+    """`trainer.fit()`, with the driver's Ctrl-C handler put back afterwards. Ray Train installs
+    one that aborts its run controller; left in place, its closure keeps the finished controller
+    actor referenced, so alive and idle, for the rest of the driver's life (a loop holds one per
+    round; a test session held one past `ray.shutdown`), and a later Ctrl-C aborts a run that
+    ended instead of stopping the driver."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: str | Path, resume: bool = True,
           cache_dir: str | None = None, callbacks: list | None = None) -> TrainResult:
     """Train `model` on `dataset` (Parquet dir or JSONL in TRL's format for `config.method`).
@@ -180,7 +198,7 @@ def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: s
             worker_runtime_env=_worker_runtime_env(config),
         ),
     )
-    outcome = trainer.fit()
+    outcome = _fit(trainer)
     if outcome.error is not None:
         raise TrainError(f"training failed: {outcome.error}") from outcome.error
     checkpoint = outcome.checkpoint
