@@ -321,6 +321,50 @@ def test_eval_stage_in_a_recipe_writes_runs_and_the_table(tmp_path, ray_local, c
     assert (stage_dir / "compare-student-vs-other.md").is_file()
 
 
+@pytest.mark.slow
+def test_models_of_one_architecture_share_one_engine_and_answer_as_with_their_own(tmp_path, ray_local, tiny_model):
+    """A base model and another of its shape (other weights), seeded sampling: with one_engine the second is
+    loaded into the first's engine in place, and every answer is the one its own engine gives.
+    A model of another shape cannot join that engine: the stage says which, before any loads."""
+    import yaml
+
+    from raypost.config import RecipeError
+    from raypost.models.tiny import make_tiny_model
+    from raypost.recipe import load_recipe, run_recipe
+
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    wider = make_tiny_model(tmp_path / "wider", hidden_size=96)
+
+    def run(name: str, one_engine, models=("base", "other")) -> dict:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": name, "output_dir": str(tmp_path / name),
+            "models": {"student": str(tiny_model), "extra": {"base": str(tiny_model), "other": str(other),
+                                                            "wider": str(wider)}},
+            "stages": [{"kind": "eval", "name": "eval", "models": list(models), "one_engine": one_engine,
+                        "engine": {"backend": "transformers", "batch_size": 4},
+                        "sampling": {"temperature": 1.0, "seed": 7, "max_tokens": 12},
+                        "benchmarks": [{"name": "arith", "data_path": str(REPO / "data/arith/test.jsonl"),
+                                        "limit": 6}]}],
+        }))
+        return run_recipe(load_recipe(path))["eval"]
+
+    def answers(name: str, label: str) -> dict:
+        return {r["id"]: r["response"] for r in records.read_rows(tmp_path / name / "eval" / label / "arith" / "items")}
+
+    shared = run("shared", True)
+    assert [load["how"] for load in shared["weight_loads"]] == ["in place"]
+    assert shared["weight_loads"][0]["model"] == str(other)
+    separate = run("separate", False)
+    assert "weight_loads" not in separate
+    assert answers("shared", "other") == answers("separate", "other")
+    assert answers("shared", "base") == answers("separate", "base")
+    assert answers("shared", "other") != answers("shared", "base")   # the load changed what the engine says
+    with pytest.raises(RecipeError, match=rf"stages.eval.one_engine: {wider} has another architecture"):
+        run("mixed", True, models=("base", "wider"))
+    assert not (tmp_path / "mixed" / "eval" / "base").exists()
+
+
 def test_a_benchmark_file_that_is_not_here_stops_the_stage_before_any_model_saying_where_to_get_it(
         tmp_path, monkeypatch):
     """As in a fresh clone without ../shared: the recipe names MBPP, which the repo does not ship."""

@@ -133,6 +133,7 @@ def evaluate(
     timeout_s: float = 10.0,
     model_label: str | None = None,
     progress: bool = True,
+    engine_actor=None,
 ) -> EvalSummary:
     """Score `model` on `benchmark` (gsm8k, mbpp, humaneval, mmlu_math); see the module doc."""
     started = time.perf_counter()
@@ -177,7 +178,8 @@ def evaluate(
     else:
         rows, failed, summary.engine = _generate_rows(items, prompts, model, engine, sampling, resources, cache_dir,
                                                       output_dir, data_path,
-                                                      progress and f"eval {benchmark} [{model_label or model}]")
+                                                      progress and f"eval {benchmark} [{model_label or model}]",
+                                                      engine_actor)
     summary.generation_seconds = time.perf_counter() - generation_started
     summary.items_per_second = len(items) / max(summary.generation_seconds, 1e-9)
 
@@ -208,13 +210,15 @@ def _check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
     path.write_text(text)
 
 
-def _generate_rows(items, prompts, model, engine, sampling, resources, cache_dir, output_dir, data_path, progress):
+def _generate_rows(items, prompts, model, engine, sampling, resources, cache_dir, output_dir, data_path, progress,
+                   engine_actor=None):
     from raypost.generation.pipeline import generate
 
     prompt_rows = [{"id": i.id, "messages": m, "reference": i.reference} for i, m in zip(items, prompts)]
     generations = output_dir / "generations"
     result = generate(prompt_rows, model=model, output_dir=generations, engine=engine, sampling=sampling,
-                      resources=resources, cache_dir=cache_dir, source=str(data_path), progress=progress)
+                      resources=resources, cache_dir=cache_dir, source=str(data_path), progress=progress,
+                      engine_actor=engine_actor)
     wanted = {i.id for i in items}
     rows = [r for r in records.read_rows(generations)
             if r["id"] in wanted and r["sample_index"] < sampling.n and r.get("response") is not None]

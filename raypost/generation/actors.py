@@ -34,6 +34,42 @@ def completion_row(row: dict[str, Any], completion: Completion | None, engine: s
     }
 
 
+def generated_rows(rows: list[dict[str, Any]], sampling: SamplingConfig, generate, backend: str,
+                   model_label: str) -> list[dict[str, Any]]:
+    """Generation rows for per-sample prompt rows; `generate(requests, sampling)` answers like
+    `engines.generate_each` (completions, or a row's error message).
+
+    Rows with the same seed share one engine call; samples get seed + sample_index so n samples
+    of a prompt differ under sampling yet reruns reproduce them."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(int(row[schema.SAMPLE_INDEX]), []).append(row)
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for sample_index, group in groups.items():
+        per_sample = sampling.model_copy(
+            update={"n": 1, "seed": None if sampling.seed is None else sampling.seed + sample_index})
+        requests = [Request(r[schema.ID], r[schema.MESSAGES], r.get(schema.REFERENCE)) for r in group]
+        for row, out in zip(group, generate(requests, per_sample)):
+            completion, error = (None, out) if isinstance(out, str) else (out[0], None)
+            results[(row[schema.ID], sample_index)] = completion_row(row, completion, backend, model_label, error)
+    return [results[(r[schema.ID], int(r[schema.SAMPLE_INDEX]))] for r in rows]
+
+
+def on_engine_actor(table: pa.Table, *, actor, backend: str, sampling: dict[str, Any], model_label: str,
+                    output_dir: str, rejected_dir: str, source: str, context_check: dict | None = None) -> pa.Table:
+    """A batch of prompt rows answered by an engine actor that outlives the dataset (one engine
+    for several models, see raypost.evaluation.stage), written like EngineActor's."""
+    import ray
+
+    if context_check is not None:
+        table = batches.check_context(table, **context_check, rejected_dir=rejected_dir, source=source, render=False)
+    sampling_config = SamplingConfig.model_validate(sampling)
+    out = generated_rows(table.to_pylist(), sampling_config,
+                         lambda requests, s: ray.get(actor.generate.remote(requests, s)), backend, model_label)
+    return batches.write_outputs(pa.Table.from_pylist(out, schema=batches.GENERATED_SCHEMA),
+                                 output_dir=output_dir, rejected_dir=rejected_dir, source=source)
+
+
 class EngineActor:
     """Holds one engine for its lifetime; Ray Data calls it with batches of per-sample rows.
 
@@ -68,28 +104,10 @@ class EngineActor:
         return stats
 
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # Rows with the same seed share one engine call; samples get seed + sample_index so
-        # n samples of a prompt differ under sampling yet reruns reproduce them.
-        groups: dict[int, list[dict[str, Any]]] = {}
-        for row in rows:
-            groups.setdefault(int(row[schema.SAMPLE_INDEX]), []).append(row)
-        results: dict[tuple[str, int], dict[str, Any]] = {}
-        for sample_index, group in groups.items():
-            sampling = self.sampling.model_copy(
-                update={"n": 1, "seed": None if self.sampling.seed is None else self.sampling.seed + sample_index}
-            )
-            for row, completion, error in self._generate(group, sampling):
-                results[(row[schema.ID], sample_index)] = completion_row(
-                    row, completion, self.engine.backend, self.model_label, error
-                )
-        return [results[(r[schema.ID], int(r[schema.SAMPLE_INDEX]))] for r in rows]
-
-    def _generate(self, rows, sampling):
         from raypost.engines import generate_each
 
-        requests = [Request(r[schema.ID], r[schema.MESSAGES], r.get(schema.REFERENCE)) for r in rows]
-        outputs = generate_each(self.engine, requests, sampling)
-        return [(row, None, out) if isinstance(out, str) else (row, out[0], None) for row, out in zip(rows, outputs)]
+        return generated_rows(rows, self.sampling, lambda requests, sampling: generate_each(self.engine, requests, sampling),
+                              self.engine.backend, self.model_label)
 
     def __del__(self):
         engine = getattr(self, "engine", None)

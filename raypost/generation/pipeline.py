@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -89,10 +89,14 @@ def generate(
     rejected: Sequence[records.Rejected] = (),
     source: str = "prompts",
     progress: bool | str = True,
+    engine_actor: Callable[[str], Any] | None = None,
 ) -> GenerationSummary:
     """Generate `sampling.n` responses per prompt row (prompt schema, already in memory) into
     `output_dir`. `rejected` carries rows an earlier step already set aside, so they are stored
     with the rest. For prompt files use `generate_files`: their rows never pass through the driver.
+    `engine_actor(model path)`, where given, returns a running engine actor (raypost.loop.engines)
+    holding that model, to answer instead of engines started for this call; it is asked only
+    when there is something to generate.
     """
     from raypost.runtime import ensure_ray
 
@@ -116,7 +120,7 @@ def generate(
     dataset = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
     return _run(dataset, {}, model=model, output_dir=Path(output_dir), engine=engine, sampling=sampling,
                 resources=resources, cache_dir=cache_dir, source=source, progress=progress, started=started,
-                total=table.num_rows * (sampling or SamplingConfig()).n)
+                total=table.num_rows * (sampling or SamplingConfig()).n, engine_actor=engine_actor)
 
 
 def generate_files(
@@ -197,7 +201,8 @@ def _repeated_hashes(*tables: pa.Table) -> list[int]:
 
 def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, engine: EngineConfig,
          sampling: SamplingConfig | None, resources: Resources | None, cache_dir: str | None, source: str,
-         progress: bool | str, started: float, total: int | None) -> GenerationSummary:
+         progress: bool | str, started: float, total: int | None,
+         engine_actor: Callable[[str], Any] | None = None) -> GenerationSummary:
     started_wall = time.time() - (time.perf_counter() - started)
     import ray
 
@@ -237,7 +242,15 @@ def _run(dataset, duplicates: dict[str, int], *, model: str, output_dir: Path, e
         model_path = resolve_model(model, cache_dir)
         context_check = dict(model_path=str(model_path), max_model_len=model_context_length(model_path, engine))
     output = dict(output_dir=str(output_dir), rejected_dir=str(rejected_dir), source=source)
-    if backend == "vllm":
+    if engine_actor is not None:
+        from raypost.generation.actors import on_engine_actor
+
+        actor = engine_actor(model if model_path is None else str(model_path))
+        stats = todo.map_batches(on_engine_actor, batch_size=engine.batch_size, **light, fn_kwargs=dict(
+            actor=actor, backend=backend, sampling=sampling.model_dump(), model_label=model, **output,
+            context_check=context_check))
+        _drain(stats, total, summary, progress, started)
+    elif backend == "vllm":
         from raypost.engines.shm_cleanup import removing_orphaned_segments
         from raypost.generation.vllm_stage import vllm_generation_stage
 
