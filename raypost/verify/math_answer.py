@@ -173,8 +173,9 @@ def _symbolic_match(predicted: str, reference: str) -> bool:
 
 
 def answers_match(predicted: str | None, reference: str, rel_tol: float = 1e-6) -> bool:
-    """True when `predicted` equals the reference's answer: numerically within `rel_tol` (absolute
-    1e-9 near zero) when both are numbers, else symbolically (math-verify), else as text."""
+    """True when `predicted` equals the reference's answer: numerically when both are numbers
+    (whole numbers exactly, others within `rel_tol`, absolute 1e-9 near zero), else symbolically
+    (math-verify), else as text."""
     if predicted is None:
         return False
     ref = reference_answer(reference)
@@ -184,6 +185,9 @@ def answers_match(predicted: str | None, reference: str, rel_tol: float = 1e-6) 
     if p is None:
         p = normalize_number(extract_answer(predicted) or "")
     if p is not None and r is not None:
+        if p.is_integer() and r.is_integer():
+            # whole numbers match exactly: within 1e-6, 2000001 would pass for 2000000
+            return p == r
         return math.isclose(p, r, rel_tol=rel_tol, abs_tol=1e-9)
     squash = lambda s: re.sub(r"\s+", "", s)  # noqa: E731
     if squash(predicted) == squash(ref):
