@@ -325,7 +325,8 @@ def test_eval_stage_in_a_recipe_writes_runs_and_the_table(tmp_path, ray_local, c
 def test_models_of_one_architecture_share_one_engine_and_answer_as_with_their_own(tmp_path, ray_local, tiny_model):
     """A base model and another of its shape (other weights), seeded sampling: with one_engine the second is
     loaded into the first's engine in place, and every answer is the one its own engine gives.
-    A model of another shape cannot join that engine: the stage says which, before any loads."""
+    A model of another shape cannot join that engine, nor can tensor parallelism: the stage says
+    so before any model loads."""
     import yaml
 
     from raypost.config import RecipeError
@@ -335,10 +336,11 @@ def test_models_of_one_architecture_share_one_engine_and_answer_as_with_their_ow
     other = make_tiny_model(tmp_path / "other", seed=1)
     wider = make_tiny_model(tmp_path / "wider", hidden_size=96)
 
-    def run(name: str, one_engine, models=("base", "other")) -> dict:
+    def run(name: str, one_engine, models=("base", "other"), tensor_parallel_size: int = 1) -> dict:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
             "name": name, "output_dir": str(tmp_path / name),
+            "resources": {"tensor_parallel_size": tensor_parallel_size},
             "models": {"student": str(tiny_model), "extra": {"base": str(tiny_model), "other": str(other),
                                                             "wider": str(wider)}},
             "stages": [{"kind": "eval", "name": "eval", "models": list(models), "one_engine": one_engine,
@@ -363,6 +365,8 @@ def test_models_of_one_architecture_share_one_engine_and_answer_as_with_their_ow
     with pytest.raises(RecipeError, match=rf"stages.eval.one_engine: {wider} has another architecture"):
         run("mixed", True, models=("base", "wider"))
     assert not (tmp_path / "mixed" / "eval" / "base").exists()
+    with pytest.raises(RecipeError, match=r"stages.eval.one_engine: the shared engine is one actor without tensor"):
+        run("tp", True, tensor_parallel_size=2)
 
 
 def test_a_benchmark_file_that_is_not_here_stops_the_stage_before_any_model_saying_where_to_get_it(

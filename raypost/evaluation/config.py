@@ -56,7 +56,7 @@ class EvalStage(StrictModel):
     resources: Resources | None = Field(None, description="default: the recipe's resources")
     one_engine: Literal["auto"] | bool = Field(
         "auto", description="evaluate every model on one engine, loading each model's weights into it in place "
-        "(models of one architecture and tokenizer): auto = with vLLM and one engine actor, where a "
+        "(models of one architecture and tokenizer): auto = with vLLM, one engine actor and no tensor parallelism, where a "
         "start-up costs more than the generation; true = also with transformers; false = an engine per model")
 
     @field_validator("benchmarks", mode="before")

@@ -114,8 +114,11 @@ def one_engine_for(stage: EvalStage, references: list[str], resources, cache_dir
     wanted = stage.one_engine
     if wanted is False or len(set(references)) < 2 or backend not in ("vllm", "transformers"):
         return None
-    if wanted == "auto" and (backend != "vllm" or resources.concurrency != 1):
+    if wanted == "auto" and (backend != "vllm" or resources.concurrency != 1 or resources.tensor_parallel_size != 1):
         return None
+    if resources.tensor_parallel_size != 1:
+        raise RecipeError(f"stages.{stage.name}.one_engine: the shared engine is one actor without tensor "
+                          f"parallelism (tensor_parallel_size is {resources.tensor_parallel_size}); set one_engine: auto")
     signatures = {ref: engine_signature(Path(resolve_model(ref, cache_dir))) for ref in references}
     first = references[0]
     differs = [ref for ref in references if signatures[ref] != signatures[first]]
