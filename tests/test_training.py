@@ -42,8 +42,11 @@ def rows_for(method: str, n: int = 4) -> list[dict]:
 def assert_no_train_controller_left(wait_s: float = 60) -> None:
     """No Ray Train controller process of this session is alive (an actor's process ends a moment
     after its last handle goes, hence the wait; a controller that is still referenced never ends)."""
+    import gc
+
     from tests.conftest import session_processes
 
+    gc.collect()   # an earlier test's failure traceback (a cycle) may still hold a controller's handle
     deadline = time.monotonic() + wait_s
     while (left := [p for p in session_processes() if "TrainController" in p[1]]) and time.monotonic() < deadline:
         time.sleep(0.5)
