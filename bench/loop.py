@@ -5,9 +5,10 @@
 Runs the testbed's 3-round loop (recipes/loop.yaml, its student on vLLM by default: the engine
 whose start-up a restart costs most) twice in this process, with the same settings and seeds:
 first with `loop.engines: persistent` (the student and teacher are Ray actors for the whole loop
-and the student takes each round's weights in place), then with `loop.engines: per_phase` (every
-phase that needs an engine starts its own, the student from the round's weights, and stops it
-after).
+and the student takes each round's weights in place; `loop.trainer: auto` then trains every round
+on one training actor that stays up), then with `loop.engines: per_phase` (every phase that needs
+an engine starts its own, the student from the round's weights, and stops it after; each round's
+training is its own Ray Train run).
 Each round record says where the time went (engine start-up, scoring, teacher, training and the
 trainer's own compute, weight sync, eval); "other" is the rest of the round.
 
@@ -69,6 +70,7 @@ def run_once(output_dir: Path, engines: str, args: argparse.Namespace) -> dict:
         "weight_sync_how": sorted({r["weight_sync"]["how"] for r in rounds if r.get("weight_sync")}),
         "accuracy": [round(r["accuracy"], 4) for r in rounds],
         "teacher_tokens": rounds[-1]["teacher_total"]["tokens"],
+        "trainer": sorted({str(r.get("trainer")) for r in rounds[1:]}),
     }
 
 

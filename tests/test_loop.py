@@ -67,6 +67,8 @@ def ledger_view(run_dir: Path) -> tuple[dict, list[str]]:
      "budget.tokens 700 is below one teacher request + its vote"),
     ({"mode": "sipf", "engines": "per_phase", "train": {"method": "orpo"}},
      "engines: per_phase is a baseline of the distill loop"),
+    ({"trainer": "resident", "train": {"method": "sft", "scaling": {"num_workers": 2}}},
+     "trainer: resident cannot run this train config: train.scaling.num_workers is 2"),
 ])
 def test_a_loop_that_cannot_work_is_refused_when_it_loads(tmp_path, change, message):
     (tmp_path / "pool.jsonl").write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
@@ -190,8 +192,9 @@ def test_a_loop_spends_its_budget_round_by_round_and_reports(finished_loop, caps
     assert rounds[1]["kept"] == 4 and rounds[1]["rejected"] == 0
     assert rounds[1]["train_rows"] == 4 and rounds[2]["train_rows"] == 8   # train_on: all
     assert rounds[2]["model"].endswith("round_2/train/model") and rounds[1]["train_steps"] == 2
-    # the student engine stayed up: round 2's weights were loaded into it in place
+    # the student engine stayed up: round 2's weights were loaded into it in place; the trainer too
     assert rounds[2]["weight_sync"]["how"] == "in place"
+    assert [r["trainer"] for r in rounds[1:]] == ["resident", "resident"]
     # loss_self picked the seeds the base student was least sure of
     scores = json.loads((run_dir / "round_1" / "scores.json").read_text())
     picked = [k.split("/")[2] for k in keys if "/r1/" in k]

@@ -204,6 +204,61 @@ def test_method_loss_falls_and_exports(method, tmp_path, tiny_model, ray_local):
 
 # --- distributed -----------------------------------------------------------------------------
 
+def test_a_resident_trainer_fits_as_ray_train_does_and_outlives_a_lost_actor(tmp_path, tiny_model, ray_local):
+    """The closed loop's trainer that stays up: the same losses and weights as a Ray Train run of
+    the same config, a second fit on the same actor (no new process), a fit whose actor dies at a
+    step resumes on a new one from the last TRL checkpoint; configs it cannot run go to Ray Train."""
+    import ray
+
+    from raypost.training.resident import ResidentTrainer, supports
+    from tests.conftest import session_processes
+
+    data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft"))
+    config = small_config("sft", checkpointing={"save_steps": 2}, failure={"max_failures": 1})
+    on_ray_train = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "ray_train")
+    resident = ResidentTrainer(config)
+    try:
+        first = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "first", resident=resident)
+        assert (first.trainer, on_ray_train.trainer) == ("resident", "ray_train")
+        assert losses(first) == losses(on_ray_train) and len(losses(first)) == 5
+        assert first.ranks_consistent and first.metrics["host_allocator"] == "retain"
+        assert _weights(first.model_dir) == _weights(on_ray_train.model_dir)
+        assert_loads(first.model_dir)
+        # only the export is kept: the fit's own checkpoints went with its success
+        assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["model", "train_result.json"]
+        pid = ray.get(resident.actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+        second = train(config, model=first.model_dir, dataset=data, output_dir=tmp_path / "second", resident=resident)
+        assert second.steps == 5 and losses(second)[0] < losses(first)[0]   # it went on from the first's weights
+        assert resident.starts == 1 and ray.get(resident.actor.__ray_call__.remote(
+            lambda self: __import__("os").getpid())) == pid
+        # the actor dies after step 3: a new one resumes from checkpoint-2 and ends as if nothing happened
+        crash = CrashOnceCallback(3, str(tmp_path / "crashed"))
+        resumed = train(config, model=str(tiny_model), dataset=data, output_dir=tmp_path / "crash",
+                        resident=resident, callbacks=[crash])
+        assert (tmp_path / "crashed").exists() and resident.starts == 2
+        assert resumed.steps == 5 and _weights(resumed.model_dir) == _weights(first.model_dir)
+        # what one actor cannot run goes to Ray Train, and the actor steps aside for it
+        two = small_config("sft", scaling={"num_workers": 2})
+        assert "num_workers is 2" in supports(two) and not resident.accepts(two)
+        other = small_config("sft", scaling={"allocator": "system"}, checkpointing={"save_steps": 50})
+        plain = train(other, model=str(tiny_model), dataset=data, output_dir=tmp_path / "system", resident=resident)
+        # a worker of another shape: a new actor, started with the system allocator
+        assert plain.trainer == "resident" and plain.metrics["host_allocator"] == "system" and resident.starts == 3
+    finally:
+        resident.close()
+    deadline = time.monotonic() + 60
+    while any("TrainerActor" in p[1] for p in session_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any("TrainerActor" in p[1] for p in session_processes())
+
+
+def _weights(model_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return {name: tensor.sum().item() for path in sorted(Path(model_dir).glob("*.safetensors"))
+            for name, tensor in load_file(path).items()}
+
+
 @pytest.mark.slow
 def test_two_worker_ddp_lora_identical_weights_one_mlflow_run_and_the_configured_allocator(
         tmp_path, tiny_model, ray_local, monkeypatch):

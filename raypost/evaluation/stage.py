@@ -93,16 +93,11 @@ class OneEngine:
         return self.actor
 
     def close(self) -> None:
-        import ray
+        from raypost.loop.engines import stop_engine_actor
 
-        if self.actor is None:
-            return
-        try:
-            ray.get(self.actor.close.remote(), timeout=60)
-        except Exception:   # noqa: BLE001 - closing is best effort; the kill below is not
-            pass
-        ray.kill(self.actor)
-        self.actor = None
+        if self.actor is not None:
+            stop_engine_actor(self.actor)
+            self.actor = None
 
 
 def one_engine_for(stage: EvalStage, references: list[str], resources, cache_dir: str | None) -> OneEngine | None:

@@ -293,10 +293,28 @@ class LoopConfig(StrictModel):
     engines: Literal["persistent", "per_phase"] = Field(
         "persistent", description="persistent: engines stay up for the whole loop and take new weights in place; "
                                   "per_phase: each phase starts its own (the baseline bench/loop.py compares)")
+    trainer: Literal["auto", "resident", "per_round"] = Field(
+        "auto", description="resident: one training actor stays up for the whole loop (TRL imported once; "
+                            "one worker, no DeepSpeed); per_round: a Ray Train run per round; auto: resident "
+                            "with persistent engines where the train config allows it")
     seed: int = 0
+
+    def resident_trainer(self) -> bool:
+        """Whether rounds train on one actor that stays up (raypost.training.resident)."""
+        from raypost.training.resident import supports
+
+        if self.trainer == "auto":
+            return self.engines == "persistent" and supports(self.train) is None
+        return self.trainer == "resident"
 
     @model_validator(mode="after")
     def _consistent(self) -> "LoopConfig":
+        if self.trainer == "resident":
+            from raypost.training.resident import supports
+
+            reason = supports(self.train)
+            if reason is not None:
+                raise ValueError(f"trainer: resident cannot run this train config: train.{reason}")
         if self.mode == "sipf":
             return self._sipf_consistent()
         if self.pool.format != "gsm8k":

@@ -144,6 +144,7 @@ class LoopController:
         self.loaded_model: str | None = None
         self.base_model: str | None = None
         self.engine_start_s = 0.0   # every engine start-up of this process, summed
+        self.resident = None   # the training actor, where rounds train on one that stays up
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -194,7 +195,7 @@ class LoopController:
     def _end_phase(self) -> None:
         """With per-phase engines, a phase's engines stop when it ends."""
         if self.config.engines == "per_phase" and self.shared_engines is None:
-            self.close()
+            self._stop_engines()
 
     def needs_teacher(self) -> bool:
         return True
@@ -212,19 +213,31 @@ class LoopController:
         self.teacher = start_engine_actor(self.recipe.model("teacher"), teacher_engine,
                                           self.config.teacher.resources, cache, tokenizer_of=self.base_model)
 
+    def resident_trainer(self):
+        """The loop's training actor (started at the first fit), or None: each fit is a Ray Train run."""
+        if not self.config.resident_trainer():
+            return None
+        if self.resident is None:
+            from raypost.training.resident import ResidentTrainer
+
+            self.resident = ResidentTrainer(self.config.train, log=self.log)
+        return self.resident
+
     def close(self) -> None:
-        import ray
+        if self.resident is not None:
+            self.resident.close()
+            self.resident = None
+        self._stop_engines()
+
+    def _stop_engines(self) -> None:
+        from raypost.loop.engines import stop_engine_actor
 
         if self.shared_engines is not None:   # they belong to whoever started them
             self.student = self.teacher = None
             return
         for actor in (self.student, self.teacher):
             if actor is not None:
-                try:
-                    ray.get(actor.close.remote(), timeout=60)
-                except Exception:   # noqa: BLE001 - closing is best effort; the kill below is not
-                    pass
-                ray.kill(actor)
+                stop_engine_actor(actor)
         self.student = self.teacher = None
 
     def __enter__(self) -> "LoopController":
@@ -374,7 +387,7 @@ class LoopController:
             "teacher_round": self.ledger.totals(round_index).as_dict(), "teacher_total": totals.as_dict(),
             "judge_round": self.ledger.totals(round_index, kinds=("judge",)).as_dict(),
             "kept": teacher["kept"], "rejected": teacher["rejected"], "train_rows": trained["rows"],
-            "train_steps": trained["steps"], "train_loss": trained.get("loss"),
+            "train_steps": trained["steps"], "train_loss": trained.get("loss"), "trainer": trained.get("trainer"),
             "weight_sync": evaluation.get("sync"),
             "selected_groups": teacher["selected_groups"],
             "seconds": {"score": scores["seconds"], "teacher": teacher["seconds"], "train": trained["seconds"],
@@ -748,11 +761,12 @@ class LoopController:
                     update={"max_steps": block.max_steps * self.config.rounds})})
         callback = faults.training_callback(self.run_dir, round_index)
         outcome = train(config, model=previous, dataset=data, output_dir=directory / "train", resume=True,
-                        cache_dir=self.recipe.cache_dir, callbacks=[callback] if callback else None)
+                        cache_dir=self.recipe.cache_dir, callbacks=[callback] if callback else None,
+                        resident=self.resident_trainer())
         losses = [h["loss"] for h in outcome.history if "loss" in h]
         result = {"model": outcome.model_dir, "rows": len(rows), "steps": outcome.steps,
                   "loss": losses[-1] if losses else None, "seconds": time.perf_counter() - started,
-                  "train_runtime_s": outcome.metrics.get("train_runtime_s", 0.0)}
+                  "train_runtime_s": outcome.metrics.get("train_runtime_s", 0.0), "trainer": outcome.trainer}
         _write_json(directory / "train.json", result)
         return result
 

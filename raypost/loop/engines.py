@@ -83,3 +83,12 @@ def start_engine_actor(model: str, config: EngineConfig, resources: Resources, c
     actor = remote.remote(model, config, cache_dir, tokenizer_of)
     ray.get(actor.ready.remote())
     return actor
+
+
+def stop_engine_actor(actor) -> None:
+    """Close the engine (vLLM ends its workers), then end the actor whatever close did."""
+    try:
+        ray.get(actor.close.remote(), timeout=60)
+    except Exception:   # noqa: BLE001 - closing is best effort; the kill below is not
+        pass
+    ray.kill(actor)

@@ -155,7 +155,8 @@ class SipfController(LoopController):
                             for i in items if i.get("answer")])
         callback = faults.training_callback(self.run_dir, 0)
         outcome = train(self.sipf.warmup, model=self.base_model, dataset=data, output_dir=directory / "train",
-                        resume=True, cache_dir=self.recipe.cache_dir, callbacks=[callback] if callback else None)
+                        resume=True, cache_dir=self.recipe.cache_dir, callbacks=[callback] if callback else None,
+                        resident=self.resident_trainer())
         losses = [h["loss"] for h in outcome.history if "loss" in h]
         rows = outcome.rows
         _write_json(directory / "train.json", {"model": outcome.model_dir, "rows": rows,
@@ -389,7 +390,7 @@ class SipfController(LoopController):
         data = directory / "prm_data.jsonl"
         _write_jsonl(data, [{k: row[k] for k in ("prompt", "completions", "labels")} for row in training])
         outcome = train(self.sipf.prm, model=self.base_model, dataset=data, output_dir=directory / "prm",
-                        resume=True, cache_dir=self.recipe.cache_dir)
+                        resume=True, cache_dir=self.recipe.cache_dir, resident=self.resident_trainer())
         this_round = _read_jsonl(directory / "paths.jsonl")
         targets = [(row["prompt"], row["completions"]) for row in held_out]
         targets += [(self._messages(by_id[p["question_id"]]["question"]), [p["text"][a:b] for a, b in p["steps"]])

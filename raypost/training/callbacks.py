@@ -136,6 +136,15 @@ class RayTrainReportCallback(TrainerCallback):
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:08d}")
 
 
+def _world_rank() -> int:
+    import ray.train
+
+    try:
+        return ray.train.get_context().get_world_rank()
+    except Exception:   # noqa: BLE001 - outside a Ray Train worker (the resident trainer): the only rank
+        return 0
+
+
 class CrashOnceCallback(TrainerCallback):
     """Fault drill: the worker process of `rank` exits hard after optimizer step `step`, once.
 
@@ -146,9 +155,7 @@ class CrashOnceCallback(TrainerCallback):
         self.step, self.marker, self.rank = step, marker, rank
 
     def on_step_end(self, args, state, control, **kwargs):
-        import ray.train
-
-        if state.global_step == self.step and ray.train.get_context().get_world_rank() == self.rank:
+        if state.global_step == self.step and _world_rank() == self.rank:
             if not os.path.exists(self.marker):
                 Path(self.marker).write_text(str(self.step))
                 os._exit(1)

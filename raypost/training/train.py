@@ -46,6 +46,7 @@ class TrainResult:
     rejected: int = 0
     ranks_consistent: bool | None = None
     peak_rss_mb_per_worker: list[float] = field(default_factory=list)
+    trainer: str = "ray_train"   # or "resident": the fit ran on a training actor that stays up
     skipped: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -136,38 +137,26 @@ def _fit(trainer):
             signal.signal(signal.SIGINT, previous)
 
 
-def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: str | Path, resume: bool = True,
-          cache_dir: str | None = None, callbacks: list | None = None) -> TrainResult:
-    """Train `model` on `dataset` (Parquet dir or JSONL in TRL's format for `config.method`).
+def _collect_export(directory: Path, output_dir: Path, where: str):
+    """Metrics, log history, parameter digests and peak RSS of an export; its model is linked into
+    `<output_dir>/model`."""
+    if not (directory / EXPORT_MARKER).exists():
+        raise TrainError(f"the last checkpoint {where} is not an export")
+    metrics = json.loads((directory / EXPORT_MARKER).read_text())
+    history = json.loads((directory / LOG_HISTORY).read_text())
+    digests = {p.read_text() for p in directory.glob("param_digest_rank*.txt")}
+    peaks = [float(p.read_text()) for p in sorted(directory.glob("peak_rss_mb_rank*.txt"))]
+    _copy_model(directory, output_dir / "model")
+    return metrics, history, digests, peaks
 
-    `resume`: continue from the last Ray Train checkpoint of an interrupted run in the same
-    storage. `callbacks`: extra transformers TrainerCallbacks run in every worker (picklable)."""
+
+def _fit_on_ray_train(config: TrainConfig, model_path: str, data, output_dir: Path, resume: bool,
+                      callbacks: list | None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from raypost.runtime import ensure_ray
-
-    output_dir = Path(output_dir).expanduser().resolve()
-    model_path = _resolve_model(model, cache_dir)
-    data = load_training_rows(dataset, config.method)
-    fingerprint = _fingerprint(config, model_path, Path(data.source))
-    result_file = output_dir / RESULT_FILE
-    if result_file.exists():
-        saved = json.loads(result_file.read_text())
-        if saved.get("fingerprint") == fingerprint and (output_dir / "model").is_dir():
-            saved.pop("fingerprint")
-            return TrainResult(**{**saved, "skipped": True})
-        raise TrainError(f"{output_dir}: holds a finished run with another config, model or dataset; "
-                         "remove the directory or choose another output_dir")
-    _check_tracking(config)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if data.rejected:
-        records.write_rejected(output_dir / "rejected", data.rejected)
-        console.say(f"train: {len(data.rejected)} row(s) set aside in {output_dir / 'rejected'}; "
-              f"first: {data.rejected[0].source}: {data.rejected[0].reason}")
-    if config.tracking.backend != "none" and config.tracking.dir is None:
-        config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"dir": str(output_dir / "tracking")})})
 
     storage = config.checkpointing.storage_path or str(output_dir / "ray")
     if "://" not in storage:
@@ -205,14 +194,56 @@ def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: s
     if checkpoint is None:
         raise TrainError("training finished without a checkpoint")
     with checkpoint.as_directory() as directory:
-        directory = Path(directory)
-        if not (directory / EXPORT_MARKER).exists():
-            raise TrainError(f"the last checkpoint {checkpoint.path} is not an export")
-        metrics = json.loads((directory / EXPORT_MARKER).read_text())
-        history = json.loads((directory / LOG_HISTORY).read_text())
-        digests = {p.read_text() for p in directory.glob("param_digest_rank*.txt")}
-        peaks = [float(p.read_text()) for p in sorted(directory.glob("peak_rss_mb_rank*.txt"))]
-        _copy_model(directory, output_dir / "model")
+        return _collect_export(Path(directory), output_dir, str(checkpoint.path))
+
+
+def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: str | Path, resume: bool = True,
+          cache_dir: str | None = None, callbacks: list | None = None, resident=None) -> TrainResult:
+    """Train `model` on `dataset` (Parquet dir or JSONL in TRL's format for `config.method`).
+
+    `resume`: continue from the last checkpoint of an interrupted run in the same storage.
+    `callbacks`: extra transformers TrainerCallbacks run in every worker (picklable). `resident`: a
+    `raypost.training.resident.ResidentTrainer` to fit on instead of a new Ray Train run, where it
+    accepts the config (one worker of its resources); otherwise Ray Train runs the fit."""
+    import ray
+
+    from raypost.runtime import ensure_ray
+
+    output_dir = Path(output_dir).expanduser().resolve()
+    model_path = _resolve_model(model, cache_dir)
+    data = load_training_rows(dataset, config.method)
+    fingerprint = _fingerprint(config, model_path, Path(data.source))
+    result_file = output_dir / RESULT_FILE
+    if result_file.exists():
+        saved = json.loads(result_file.read_text())
+        if saved.get("fingerprint") == fingerprint and (output_dir / "model").is_dir():
+            saved.pop("fingerprint")
+            return TrainResult(**{**saved, "skipped": True})
+        raise TrainError(f"{output_dir}: holds a finished run with another config, model or dataset; "
+                         "remove the directory or choose another output_dir")
+    _check_tracking(config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if data.rejected:
+        records.write_rejected(output_dir / "rejected", data.rejected)
+        console.say(f"train: {len(data.rejected)} row(s) set aside in {output_dir / 'rejected'}; "
+              f"first: {data.rejected[0].source}: {data.rejected[0].reason}")
+    if config.tracking.backend != "none" and config.tracking.dir is None:
+        config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"dir": str(output_dir / "tracking")})})
+
+    on_resident = resident is not None and resident.accepts(config)
+    if resident is not None and not on_resident:
+        resident.close()   # what it holds (a GPU) goes to the Ray Train run; a later fit starts it again
+    if on_resident:
+        ensure_ray()
+        export = resident.fit(config, model_path, ray.put(data.rows), output_dir, callbacks, resume)
+        collected = _collect_export(export, output_dir, str(export))
+        # once the result is written: the export's files are linked into model/, and the TRL
+        # checkpoints are only for resuming this fit
+        leftovers = [export, output_dir / "hf"]
+    else:
+        leftovers = []
+        collected = _fit_on_ray_train(config, model_path, data, output_dir, resume, callbacks)
+    metrics, history, digests, peaks = collected
 
     result = TrainResult(
         model_dir=str(output_dir / "model"),
@@ -225,6 +256,9 @@ def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: s
         rejected=len(data.rejected),
         ranks_consistent=(len(digests) == 1) if digests else None,
         peak_rss_mb_per_worker=peaks,
+        trainer="resident" if on_resident else "ray_train",
     )
     result_file.write_text(json.dumps({**result.as_dict(), "fingerprint": fingerprint}, indent=2, default=str))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
     return result

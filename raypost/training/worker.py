@@ -78,29 +78,69 @@ def _export(trainer, config, model_path: str, target: Path, rank: int) -> None:
     trainer.processing_class.save_pretrained(target)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def fit_and_export(config, model_path: str, rows: list[dict], hf_dir: Path, export_dir: Path, rank: int,
+                   callbacks: list, resume_dir: str | None) -> dict[str, Any]:
+    """Build the TRL trainer, train (from `resume_dir`, a TRL checkpoint, where given) and write the
+    export into `export_dir`: the model, and on rank 0 the log history and EXPORT_MARKER with the
+    metrics. Shared by the Ray Train worker loop and the resident trainer (raypost.training.resident)."""
     import datasets
-    import ray
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
     from transformers.trainer_callback import PrinterCallback
 
     from raypost.training.allocator import active_allocator
-    from raypost.training.callbacks import RayTrainReportCallback, ThroughputCallback, peak_rss_mb
-    from raypost.training.config import TrainConfig
+    from raypost.training.callbacks import ThroughputCallback, peak_rss_mb
     from raypost.training.methods import build_trainer
     from raypost.training.packing import use_row_packing
 
-    config = TrainConfig.model_validate(loop_config["config"])
     if config.scaling.cpu_threads and not config.scaling.use_gpu:
         import torch
 
         torch.set_num_threads(config.scaling.cpu_threads)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    rows = ray.get(loop_config["rows"])
     dataset = datasets.Dataset.from_list(rows)
+    trainer = build_trainer(config, model_path, dataset, str(hf_dir), _report_to(config, rank), callbacks)
+    # packed SFT rows without FlashAttention: the collator then counts the real tokens
+    row_packing = use_row_packing(trainer) if config.method == "sft" else None
+    throughput = ThroughputCallback(token_counter=row_packing)
+    # first, so every later callback (Ray, TensorBoard, MLflow) sees tokens_per_s
+    trainer.callback_handler.callbacks.insert(0, throughput)
+    # raypost prints one progress line per log instead of the raw dicts
+    trainer.remove_callback(PrinterCallback)
+    if rank == 0 and resume_dir:
+        from raypost import console
+
+        console.worker_say(f"train: resuming from {resume_dir}")
+    output = trainer.train(resume_from_checkpoint=resume_dir)
+
+    _export(trainer, config, model_path, export_dir / "model", rank)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    if config.scaling.deepspeed != "zero3":
+        (export_dir / f"param_digest_rank{rank}.txt").write_text(param_digest(trainer.accelerator.unwrap_model(trainer.model)))
+    metrics = {
+        "step": trainer.state.global_step,
+        "train_loss": float(output.training_loss),
+        "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)),
+        "steady_tokens_per_s": throughput.steady_tok_s or 0.0,
+        "peak_rss_mb": peak_rss_mb(),
+        "host_allocator": active_allocator(),
+    }
+    (export_dir / f"peak_rss_mb_rank{rank}.txt").write_text(f"{peak_rss_mb():.1f}")
+    if rank == 0:
+        (export_dir / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history, default=float))
+        (export_dir / EXPORT_MARKER).write_text(json.dumps(metrics))
+    return metrics
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from raypost.training.callbacks import RayTrainReportCallback
+    from raypost.training.config import TrainConfig
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    rows = ray.get(loop_config["rows"])
 
     with contextlib.ExitStack() as stack:
         resume_dir = None
@@ -112,39 +152,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scratch = Path(tempfile.mkdtemp(prefix=f"raypost-train-rank{rank}-"))
         stack.callback(shutil.rmtree, scratch, True)
 
-        callbacks = [RayTrainReportCallback(), *loop_config.get("callbacks", [])]
-        trainer = build_trainer(config, loop_config["model_path"], dataset, str(scratch / "hf"),
-                                _report_to(config, rank), callbacks)
-        # packed SFT rows without FlashAttention: the collator then counts the real tokens
-        row_packing = use_row_packing(trainer) if config.method == "sft" else None
-        throughput = ThroughputCallback(token_counter=row_packing)
-        # first, so every later callback (Ray, TensorBoard, MLflow) sees tokens_per_s
-        trainer.callback_handler.callbacks.insert(0, throughput)
-        # raypost prints one progress line per log instead of the raw dicts
-        trainer.remove_callback(PrinterCallback)
-        if rank == 0 and resume_dir:
-            from raypost import console
-
-            console.worker_say(f"train: resuming from {resume_dir}")
-        output = trainer.train(resume_from_checkpoint=resume_dir)
-
         export_dir = scratch / "export"
-        _export(trainer, config, loop_config["model_path"], export_dir / "model", rank)
-        export_dir.mkdir(parents=True, exist_ok=True)
-        if config.scaling.deepspeed != "zero3":
-            (export_dir / f"param_digest_rank{rank}.txt").write_text(param_digest(trainer.accelerator.unwrap_model(trainer.model)))
-        metrics = {
-            "step": trainer.state.global_step,
-            "train_loss": float(output.training_loss),
-            "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)),
-            "steady_tokens_per_s": throughput.steady_tok_s or 0.0,
-            "peak_rss_mb": peak_rss_mb(),
-            "host_allocator": active_allocator(),
-        }
-        (export_dir / f"peak_rss_mb_rank{rank}.txt").write_text(f"{peak_rss_mb():.1f}")
-        if rank == 0:
-            (export_dir / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history, default=float))
-            (export_dir / EXPORT_MARKER).write_text(json.dumps(metrics))
+        metrics = fit_and_export(config, loop_config["model_path"], rows, scratch / "hf", export_dir, rank,
+                                 [RayTrainReportCallback(), *loop_config.get("callbacks", [])], resume_dir)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(export_dir)), checkpoint_dir_name="export")
