@@ -212,6 +212,7 @@ def test_a_sipf_round_scores_steps_by_rollouts_and_trains_orpo_on_the_pairs(fini
             assert value == sum(score_gsm8k(prefix + t, gold[path["question_id"]]).correct for t in texts) / 2
     pairs = _rows(run_dir / "round_1" / "data.jsonl")
     assert pairs and record["pairs"] == len(pairs) == record["train_rows"] and record["train_steps"] == 2
+    assert record["trainer"] == "resident"   # the loop's training actor, not a Ray Train run
     assert all(w - l >= 0.25 for w, l in (p["scores"] for p in pairs))
     assert all(p["chosen"][0]["role"] == "assistant" and p["prompt"][-1]["role"] == "user" for p in pairs)
     assert record["weight_sync"]["how"] == "in place"

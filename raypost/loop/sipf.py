@@ -193,6 +193,7 @@ class SipfController(LoopController):
             "teacher_round": self.ledger.totals(round_index).as_dict(), "teacher_total": totals.as_dict(),
             "rollout_requests": rollouts["requests"], "rollouts": rollouts["rollouts"],
             "train_rows": trained["rows"], "train_steps": trained["steps"], "train_loss": trained.get("loss"),
+            "trainer": trained.get("trainer"),
             "weight_sync": evaluation.get("sync"),
             "prm": None if prm is None else {k: v for k, v in prm.items() if k != "seconds"},
             "seconds": {"sample": sampled["seconds"], "rollout": rollouts["seconds"], "pairs": pairs["seconds"],
