@@ -39,18 +39,18 @@ def rows_for(method: str, n: int = 4) -> list[dict]:
     return rows
 
 
-def assert_no_train_controller_left(wait_s: float = 60) -> None:
-    """No Ray Train controller process of this session is alive (an actor's process ends a moment
-    after its last handle goes, hence the wait; a controller that is still referenced never ends)."""
+def assert_no_actor_process_left(actor: str = "TrainController", wait_s: float = 60) -> None:
+    """No process of this session runs `actor` (default: a Ray Train controller). An actor's process
+    ends a moment after its last handle goes, hence the wait; one still referenced never ends."""
     import gc
 
     from tests.conftest import session_processes
 
     gc.collect()   # an earlier test's failure traceback (a cycle) may still hold a controller's handle
     deadline = time.monotonic() + wait_s
-    while (left := [p for p in session_processes() if "TrainController" in p[1]]) and time.monotonic() < deadline:
+    while (left := [p for p in session_processes() if actor in p[1]]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, f"Ray Train controllers still alive after training returned: {left}"
+    assert not left, f"{actor} processes still alive after training returned: {left}"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -190,7 +190,7 @@ def test_method_loss_falls_and_exports(method, tmp_path, tiny_model, ray_local):
     assert result.steps == 5
     # the run's controller ends with the run: Ray Train's Ctrl-C handler (which held it) is gone
     assert signal.getsignal(signal.SIGINT) is handler
-    assert_no_train_controller_left()
+    assert_no_actor_process_left()
     history = losses(result)
     assert len(history) == 5 and history[-1] < history[0], history
     if method != "orpo":  # TRL's ORPO logs no token count
@@ -211,7 +211,6 @@ def test_a_resident_trainer_fits_as_ray_train_does_and_outlives_a_lost_actor(tmp
     import ray
 
     from raypost.training.resident import ResidentTrainer, supports
-    from tests.conftest import session_processes
 
     data = write_jsonl(tmp_path / "sft.jsonl", rows_for("sft"))
     config = small_config("sft", checkpointing={"save_steps": 2}, failure={"max_failures": 1})
@@ -246,10 +245,7 @@ def test_a_resident_trainer_fits_as_ray_train_does_and_outlives_a_lost_actor(tmp
         assert plain.trainer == "resident" and plain.metrics["host_allocator"] == "system" and resident.starts == 3
     finally:
         resident.close()
-    deadline = time.monotonic() + 60
-    while any("TrainerActor" in p[1] for p in session_processes()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not any("TrainerActor" in p[1] for p in session_processes())
+    assert_no_actor_process_left("TrainerActor")
 
 
 def _weights(model_dir: str) -> dict:

@@ -86,10 +86,11 @@ class TrainerActor:
         from raypost.training.worker import fit_and_export
 
         config = TrainConfig.model_validate(job["config"])
-        if not config.scaling.use_gpu and not config.scaling.cpu_threads:
+        if not config.scaling.use_gpu:
             import torch
 
-            torch.set_num_threads(job["threads"])   # the worker's CPUs, as Ray sets them for a Ray Train worker
+            # scaling.cpu_threads, else the worker's CPUs, as Ray sets them for a Ray Train worker
+            torch.set_num_threads(job["threads"])
         output_dir = Path(job["output_dir"])
         hf_dir, export_dir = output_dir / "hf", output_dir / "export"
         resume_dir = get_last_checkpoint(str(hf_dir)) if hf_dir.is_dir() else None

@@ -204,7 +204,8 @@ def train(config: TrainConfig, *, model: str, dataset: str | Path, output_dir: s
     `resume`: continue from the last checkpoint of an interrupted run in the same storage.
     `callbacks`: extra transformers TrainerCallbacks run in every worker (picklable). `resident`: a
     `raypost.training.resident.ResidentTrainer` to fit on instead of a new Ray Train run, where it
-    accepts the config (one worker of its resources); otherwise Ray Train runs the fit."""
+    accepts the config (one worker, no DeepSpeed, local storage); otherwise it ends its actor and
+    Ray Train runs the fit."""
     import ray
 
     from raypost.runtime import ensure_ray
