@@ -3,10 +3,10 @@ with process feedback, against the outcome-only ablation with the same samples.
 
     python bench/lab_sipf.py [--seeds 1 2 3] [--output-root DIR] [--plot FILE] [a.b=value ...]
 
-For each seed (pool, sampling and training seeded), one vLLM student serves both loops of
-recipes/lab/sipf_process_vs_outcome.yaml: the process-feedback loop (its round 0 is the SFT
-warm-up, the baseline), then the outcome-only loop starting from that same warm-up model (no
-second warm-up), so both share round 0 exactly. A loop already finished under --output-root is
+For each seed (pool, sampling and training seeded), the process-feedback loop of
+recipes/lab/sipf_process_vs_outcome.yaml (its round 0 is the SFT warm-up, the baseline), then the
+outcome-only loop starting from that same warm-up model (no second warm-up), so both share round 0
+exactly. One vLLM student serves every loop of every seed (each loads its weights in place). A loop already finished under --output-root is
 read back, not rerun. Every round is scored on the same held-out items; contrasts are paired over
 (seed, item) units (bootstrap 95% interval), with the verdict "held" when the interval lies above
 zero, "not held" when below, else "inconclusive". Writes the overlay report of every run and a PNG
@@ -31,53 +31,60 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def run_seed(recipe_path: Path, seed: int, root: Path, overrides: list[str]) -> dict[str, float]:
+class SharedStudent:
+    """One vLLM student for every seed and variant: each loop loads its own weights into it before
+    use (weight sync in place), so only the first loop pays the engine start-up."""
+
+    def __init__(self) -> None:
+        self.actor = None
+        self.start_s = 0.0
+
+    def engines(self, recipe):
+        if self.actor is None:
+            from raypost.loop.engines import start_engine_actor
+            from raypost.models import resolve_model
+            from raypost.runtime import ensure_ray
+
+            ensure_ray(None)
+            base = str(resolve_model(recipe.model("student"), recipe.cache_dir))
+            started = time.perf_counter()
+            self.actor = start_engine_actor(base, recipe.loop.student.engine, recipe.loop.student.resources,
+                                            recipe.cache_dir)
+            self.start_s = round(time.perf_counter() - started, 1)
+        return self.actor, None
+
+    def close(self) -> None:
+        if self.actor is not None:
+            from raypost.loop.engines import stop_engine_actor
+
+            stop_engine_actor(self.actor)
+            self.actor = None
+
+
+def run_seed(recipe_path: Path, seed: int, root: Path, overrides: list[str], student: SharedStudent) -> dict[str, float]:
     from raypost.loop.config import LoopRecipe
-    from raypost.loop.engines import start_engine_actor
     from raypost.loop.sipf import SipfController
-    from raypost.models import resolve_model
     from raypost.recipe import load_recipe
-    from raypost.runtime import ensure_ray
 
     common = [f"loop.pool.synth.seed={seed}", f"loop.seed={seed}", f"loop.train.seed={seed}",
               f"loop.sipf.warmup.seed={seed}", f"output_dir={root}/{{name}}", *overrides]
     process = load_recipe(recipe_path, [*common, f"name=lab-sipf-process-s{seed}", "loop.sipf.reward=process"],
                           schema=LoopRecipe)
     seconds: dict[str, float] = {}
-    student = None
-
-    def engines():
-        nonlocal student
-        if student is None:
-            ensure_ray(None)
-            base = str(resolve_model(process.model("student"), process.cache_dir))
-            started = time.perf_counter()
-            student = start_engine_actor(base, process.loop.student.engine, process.loop.student.resources,
-                                         process.cache_dir)
-            seconds["engine_start"] = round(time.perf_counter() - started, 1)
-        return student, None
-
-    try:
-        if not _finished(process):
-            started = time.perf_counter()
-            with SipfController(process, engines=engines()) as controller:
-                controller.run()
-            seconds["process"] = round(time.perf_counter() - started, 1)
-        warmed = json.loads((process.resolved_output_dir() / "round_0" / "train.json").read_text())["model"]
-        outcome = load_recipe(recipe_path, [*common, f"name=lab-sipf-outcome-s{seed}", "loop.sipf.reward=outcome",
-                                            "loop.sipf.warmup=null", "loop.sipf.warmup_pool=null",
-                                            f"models.student={warmed}"], schema=LoopRecipe)
-        if not _finished(outcome):
-            started = time.perf_counter()
-            with SipfController(outcome, engines=engines()) as controller:
-                controller.run()
-            seconds["outcome"] = round(time.perf_counter() - started, 1)
-    finally:
-        if student is not None:
-            import ray
-
-            ray.get(student.close.remote(), timeout=120)
-            ray.kill(student)
+    if not _finished(process):
+        started = time.perf_counter()
+        with SipfController(process, engines=student.engines(process)) as controller:
+            controller.run()
+        seconds["process"] = round(time.perf_counter() - started, 1)
+    warmed = json.loads((process.resolved_output_dir() / "round_0" / "train.json").read_text())["model"]
+    outcome = load_recipe(recipe_path, [*common, f"name=lab-sipf-outcome-s{seed}", "loop.sipf.reward=outcome",
+                                        "loop.sipf.warmup=null", "loop.sipf.warmup_pool=null",
+                                        f"models.student={warmed}"], schema=LoopRecipe)
+    if not _finished(outcome):
+        started = time.perf_counter()
+        with SipfController(outcome, engines=student.engines(outcome)) as controller:
+            controller.run()
+        seconds["outcome"] = round(time.perf_counter() - started, 1)
     return seconds
 
 
@@ -95,8 +102,13 @@ def main() -> None:
     seconds, runs = {}, {}
     correct: dict[tuple[str, int], list[float]] = {}   # (variant, round) -> per (seed, item) correctness
     records: dict[str, list[list[dict]]] = {v: [] for v in VARIANTS}
+    student = SharedStudent()
+    try:
+        for seed in args.seeds:
+            seconds[seed] = run_seed(Path(args.recipe), seed, root, args.overrides, student)
+    finally:
+        student.close()
     for seed in args.seeds:
-        seconds[seed] = run_seed(Path(args.recipe), seed, root, args.overrides)
         for variant in VARIANTS:
             run_dir = root / f"lab-sipf-{variant}-s{seed}"
             rounds = _rows(run_dir / "rounds.jsonl")
@@ -125,6 +137,7 @@ def main() -> None:
     out["contrasts"] = contrasts
     out["units"] = int(len(sft))
     out["seconds"] = seconds
+    out["engine_start_s"] = student.start_s
     lab.finish(out, root, args.plot, started, plot)
 
 
