@@ -101,6 +101,7 @@ def main() -> None:
     started = time.perf_counter()
     seconds, runs = {}, {}
     correct: dict[tuple[str, int], list[float]] = {}   # (variant, round) -> per (seed, item) correctness
+    by_level: dict[tuple[str, int], dict[str, list[float]]] = {}   # the same, per testbed level
     records: dict[str, list[list[dict]]] = {v: [] for v in VARIANTS}
     student = SharedStudent()
     try:
@@ -117,6 +118,9 @@ def main() -> None:
             for record in rounds:
                 items = sorted(_rows(run_dir / f"round_{record['round']}" / "eval_items.jsonl"), key=lambda i: i["id"])
                 correct.setdefault((variant, record["round"]), []).extend(float(i["correct"]) for i in items)
+                for item in items:
+                    by_level.setdefault((variant, record["round"]), {}).setdefault(str(item["group"]), []).append(
+                        float(item["correct"]))
     render(runs, root / "report")
     arrays = {key: np.asarray(values) for key, values in correct.items()}
     last = max(r for _, r in arrays)
@@ -126,6 +130,9 @@ def main() -> None:
         out["accuracy"][variant] = {r: round(float(arrays[(variant, r)].mean()), 4) for r in range(last + 1)}
         out["accuracy_ci95"][variant] = {r: [round(x, 4) for x in bootstrap_interval(arrays[(variant, r)])]
                                          for r in range(last + 1)}
+        out.setdefault("per_level", {})[variant] = {
+            r: {level: round(float(np.mean(v)), 4) for level, v in sorted(by_level[(variant, r)].items())}
+            for r in range(last + 1)}
         out["per_seed"][variant] = [[round(rec["accuracy"], 4) for rec in rounds] for rounds in records[variant]]
         out["pairs"][variant] = [[rec.get("pairs") for rec in rounds[1:]] for rounds in records[variant]]
         out["rollout_tokens"][variant] = [rounds[-1]["teacher_total"]["tokens"] for rounds in records[variant]]

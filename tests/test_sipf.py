@@ -116,6 +116,14 @@ MBPP_TASKS = [
      "test_setup_code": ""},
 ]
 
+# the warm-up's own tasks (a question the pool also has would be left out of the warm-up)
+WARMUP_TASKS = [
+    {"task_id": 611, "text": "Write a function to subtract two numbers.", "code": "def sub(a, b):\n    return a - b",
+     "test_list": ["assert sub(3, 2) == 1"], "test_setup_code": ""},
+    {"task_id": 612, "text": "Write a function to square a number.", "code": "def square(x):\n    return x * x",
+     "test_list": ["assert square(3) == 9"], "test_setup_code": ""},
+]
+
 
 def test_code_answers_pass_only_when_their_tests_run_to_the_end_and_near_copies_are_duplicates():
     from raypost.loop.checks import CodeCheck
@@ -139,16 +147,22 @@ def test_code_answers_pass_only_when_their_tests_run_to_the_end_and_near_copies_
 def test_a_sipf_round_on_code_tasks_checks_paths_and_rollouts_in_the_sandbox(tiny_model, tmp_path, ray_local):
     """MBPP-format tasks: every sampled program and every rollout is run against its task's tests
     in the sandbox; a task without tests is set aside at load with its reason; the eval set is
-    checked the same way."""
+    checked the same way. Round 0 is an SFT warm-up on the reference solutions of tasks of its own
+    (`warmup_pool`), and round 1 samples from the warmed-up weights."""
     from raypost.loop.controller import run_loop
 
     pool = tmp_path / "mbpp.jsonl"
     pool.write_text("".join(json.dumps(t) + "\n" for t in MBPP_TASKS))
+    warmup_tasks = tmp_path / "mbpp_warmup.jsonl"
+    warmup_tasks.write_text("".join(json.dumps(t) + "\n" for t in WARMUP_TASKS))
     code_tasks = {"path": str(pool), "format": "mbpp", "group_by": None}
     path = sipf_recipe(tmp_path, tiny_model, name="code", pool=code_tasks,
                        eval={"path": str(pool), "format": "mbpp", "max_tokens": 16, "limit": None, "group_by": None},
                        sipf={"verifier": "code", "simulator": "student", "n": 2, "k": 2, "max_tokens": 24,
-                             "rollout_max_tokens": 12, "split": {"by": "regex", "pattern": r"(?:\S+\s+){4}"}})
+                             "rollout_max_tokens": 12, "split": {"by": "regex", "pattern": r"(?:\S+\s+){4}"},
+                             "warmup_pool": {"path": str(warmup_tasks), "format": "mbpp", "group_by": None},
+                             "warmup": {"method": "sft", "sft": {"max_steps": 2, "per_device_train_batch_size": 2,
+                                                                 "max_length": 256, "packing": False}}})
     spec = yaml.safe_load(path.read_text())
     spec["loop"]["pool"] = code_tasks   # instead of the synth pool
     del spec["loop"]["teacher"]
@@ -167,6 +181,15 @@ def test_a_sipf_round_on_code_tasks_checks_paths_and_rollouts_in_the_sandbox(tin
     assert ledger.entries and all(v == 0.0 for p in labelled for v in p["values"])
     assert rounds[1]["pairs"] == 0 and rounds[1]["train_steps"] == 0   # nothing to prefer: unchanged
     assert rounds[0]["eval_items"] == 2 and rounds[1]["accuracy"] == 0.0
+    # the warm-up: SFT on the warm-up tasks' reference solutions (none of the pool's), two steps;
+    # round 0 is evaluated on its weights, and round 1 sampled from them
+    warmup = json.loads((run_dir / "round_0" / "train.json").read_text())
+    assert warmup["rows"] == 2 and warmup["steps"] == 2
+    targets = [r["messages"][-1]["content"] for r in _rows(run_dir / "round_0" / "warmup_data.jsonl")]
+    assert targets == [f"[BEGIN]\n{t['code']}\n[DONE]" for t in WARMUP_TASKS]
+    assert [r["id"] for r in _rows(run_dir / "warmup_pool.jsonl")] == ["mbpp/611", "mbpp/612"]
+    assert rounds[0]["model"] == warmup["model"] and warmup["model"].endswith("round_0/train/model")
+    assert rounds[1]["model"] == warmup["model"]   # no pairs: round 1 kept the warmed-up weights
 
 
 # --- a real round --------------------------------------------------------------------------
