@@ -174,8 +174,8 @@ def diversify(dataset, *, budget: int, n_clusters: int = 8, embedder: Literal["m
     numbers_ref, assignment = cluster.remote(embedder, budget, n_clusters, seed, *units.to_arrow_refs())
     numbers = ray.get(numbers_ref)
     sizes, quotas = numbers["cluster_sizes_before"], numbers["cluster_sizes_after"]
-    # in a list, so that the map tasks get the ref and read the table from the object store
     maps = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    # the ref in a list, so that each map task reads the table from the object store itself
     kept = dataset.map_batches(_with_clusters, **maps, fn_kwargs=dict(assignment=[assignment], keep=True)).materialize()
 
     def why(row) -> str:

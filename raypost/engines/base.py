@@ -31,6 +31,11 @@ class TokenLogprob:
             "top": [{"token": t, "logprob": lp} for t, lp in self.top],
         }
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "TokenLogprob":
+        """The inverse of as_record (a stored generation row's logprobs)."""
+        return cls(record["token"], record["logprob"], [(t["token"], t["logprob"]) for t in record.get("top") or []])
+
 
 @dataclass
 class Completion:

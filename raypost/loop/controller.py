@@ -35,7 +35,7 @@ from raypost.errors import StageError
 from raypost.loop import checks, faults
 from raypost.loop.config import LoopRecipe
 from raypost.loop.ledger import Caps, Ledger, paid_entry, request_key
-from raypost.loop.strategies import Scored, rank, score_items
+from raypost.loop.strategies import Scored, answer_signals, is_correct, rank, score_items
 from raypost.loop.tracking import RoundTracker
 from raypost.records import DataError
 
@@ -75,12 +75,6 @@ def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def _is_correct(text: str, gold: str | None) -> bool | None:
-    from raypost.evaluation.scoring import score_gsm8k
-
-    return None if gold is None else score_gsm8k(text, gold).correct
 
 
 def _load_items(path: str, question_field: str, answer_field: str | None, group_by: str | None,
@@ -441,7 +435,6 @@ class LoopController:
         import ray
 
         from raypost.generation.pipeline import generate_files
-        from raypost.loop.strategies import answer_signals
 
         output = self.round_dir(round_index) / "answers"
         fmt = records.PromptFormat(prompt_field="question", id_field="id", reference_field="answer",
@@ -484,7 +477,7 @@ class LoopController:
         for item in self.pool:
             answer = answers.get(item["id"])
             if answer is None:   # not asked, or the student could not answer (a rejected row)
-                correct = _is_correct("", item["answer"]) if needs_answers else None
+                correct = is_correct("", item["answer"]) if needs_answers else None
                 scored.append(Scored(item["id"], item["group"], None, correct))
             else:
                 scored.append(Scored(item["id"], item["group"], Completion(answer["text"] or "", 0, 0),
@@ -565,7 +558,7 @@ class LoopController:
         for item, score, answer in zip(self.pool, scored, answers):
             if isinstance(answer, str):
                 continue
-            solved = sum(bool(_is_correct(c.text, item["answer"])) for c in answer)
+            solved = sum(bool(is_correct(c.text, item["answer"])) for c in answer)
             too_easy = solved == len(answer) and config.skip in ("both", "solved")
             too_hard = solved == 0 and config.skip in ("both", "unsolved")
             score.learnable = not (too_easy or too_hard)
@@ -736,7 +729,7 @@ class LoopController:
                         continue
                 else:
                     question, solution = seed["question"], text
-                    if seed["answer"] is not None and not _is_correct(solution, seed["answer"]):
+                    if seed["answer"] is not None and not is_correct(solution, seed["answer"]):
                         rejected.append({"key": entry["key"], "sample": k, "reason": "wrong answer"})
                         continue
                 kept.append({"id": f"{entry['key']}/{k}", "seed_id": seed["id"], "group": seed["group"],
@@ -752,7 +745,7 @@ class LoopController:
             exact = arith.solve(arith.parse_problem(question)).text
         except arith.ParseError as error:
             return f"unreadable problem: {error}"
-        return None if _is_correct(solution, exact) else "wrong solution"
+        return None if is_correct(solution, exact) else "wrong solution"
 
     def _vote_verdict(self, entry: dict, sample: int, solution: str) -> str | None:
         """Why the teacher's vote rejects a written problem, or None when enough answers agree."""
@@ -762,7 +755,7 @@ class LoopController:
             return "no vote: the budget ran out first"
         if "error" in votes:
             return f"vote failed: {votes['error']}"
-        agree = sum(bool(_is_correct(text, solution)) for text in votes["texts"])
+        agree = sum(bool(is_correct(text, solution)) for text in votes["texts"])
         return None if agree >= vote.min_agree else f"vote: {agree} of {len(votes['texts'])} answers agree"
 
     def _train(self, round_index: int, previous: str) -> dict:

@@ -78,13 +78,19 @@ SIGNALS_SCHEMA = pa.schema([("id", pa.string()), ("correct", pa.bool_()), ("sign
                             ("text", pa.string())])
 
 
+def is_correct(text: str, gold: str | None) -> bool | None:
+    """Whether an answer's final number is the gold answer's (None: no gold answer to check)."""
+    from raypost.evaluation.scoring import score_gsm8k
+
+    return None if gold is None else score_gsm8k(text, gold).correct
+
+
 def answer_signals(table: pa.Table, *, strategy: str, reduce: str, keep_text: bool) -> pa.Table:
     """Generation rows (raypost.schema) in, one light row per answer out: whether it is right
     (against the row's reference), the strategy's signal where it is an ANSWER_SIGNALS one, and
     the text only where a later step needs it (the judge grades it)."""
     from raypost import schema
     from raypost.engines.base import TokenLogprob
-    from raypost.evaluation.scoring import score_gsm8k
 
     signal = ANSWER_SIGNALS.get(strategy)
     out = []
@@ -96,12 +102,10 @@ def answer_signals(table: pa.Table, *, strategy: str, reduce: str, keep_text: bo
             logprobs = row.get(schema.LOGPROBS)
             completion = Completion(
                 text, row.get(schema.COMPLETION_TOKENS) or 0, row.get(schema.PROMPT_TOKENS) or 0,
-                logprobs=None if logprobs is None else [
-                    TokenLogprob(t["token"], t["logprob"], [(x["token"], x["logprob"]) for x in t.get("top") or []])
-                    for t in logprobs],
+                logprobs=None if logprobs is None else [TokenLogprob.from_record(t) for t in logprobs],
                 first_token_entropy=row.get(schema.FIRST_TOKEN_ENTROPY))
             value = float(signal(completion, reduce))
-        out.append({"id": row[schema.ID], "correct": None if reference is None else score_gsm8k(text, reference).correct,
+        out.append({"id": row[schema.ID], "correct": is_correct(text, reference),
                     "signal": value, "text": text if keep_text else None})
     return pa.Table.from_pylist(out, schema=SIGNALS_SCHEMA)
 
