@@ -82,13 +82,13 @@ def write_shards(directory: Path, rows: int, files: int) -> Path:
 
 
 def run_child(code: str, pythonpath: str, shards: Path, out: Path, fault: str | None = None,
-              timeout: int = 3600) -> dict | None:
+              timeout: int = 3600, extra_args: list[str] = ()) -> dict | None:
     script = out.parent / f"child-{abs(hash(code)) % 10_000}.py"
     script.write_text(code)
     env = {**os.environ, "PYTHONPATH": pythonpath, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if fault:
         env["RAYPOST_GENERATE_FAULT"] = fault
-    result = subprocess.run([sys.executable, str(script), str(shards), str(out)], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(script), str(shards), str(out), *extra_args], env=env, capture_output=True,
                             text=True, timeout=timeout)
     for line in result.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -117,12 +117,12 @@ def legacy_tree(ref: str, into: Path) -> str:
 
 
 def measure(result: dict, code: str, pythonpath: str, inputs: Path, out: Path, prefix: str, name: str,
-            rows: int) -> dict | None:
+            rows: int, extra_args: list[str] = ()) -> dict | None:
     """Run one child driver over `inputs` into a fresh `out`; its peak RSS, rows/s and seconds go
     into `result` under `prefix` and the size's `name`. Returns what the child reported."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
     started = time.perf_counter()
-    measured = run_child(code, pythonpath, inputs, out)
+    measured = run_child(code, pythonpath, inputs, out, extra_args=extra_args)
     print(f"{prefix or 'streaming_'}{name}: {measured} ({time.perf_counter() - started:.0f} s with start-up)",
           file=sys.stderr, flush=True)
     if measured is None:

@@ -2,6 +2,7 @@
 
     python bench/scale_curate.py                      # 10k and 1M rows, today's path and the legacy one
     python bench/scale_curate.py --sizes 10000 300000 --no-legacy
+    python bench/scale_curate.py --select --sizes 10000 200000 --legacy-ref f99293f
 
 For each size a generate stage's output is written directly (Parquet parts of the generation
 schema: one response per prompt, every 10th answer wrong, every 50th prompt a repeat of an
@@ -10,7 +11,10 @@ exact dedup, math verification, and the SFT and KTO sets. The driver reports its
 (ru_maxrss: the driver alone, not Ray's workers) and rows/s. `--legacy-ref` runs the same
 through the code path before the workers wrote curation's rows (the driver gathered the curated
 table, every rejected row and the training sets), checked out from git into a temp dir. Both
-must produce the same counts. The last line printed is one JSON object.
+must produce the same counts. `--select` adds response selection (the gold solution and the
+row's own response as candidates, the verifier ranks them, no model: `scorer: none`) and writes
+the preference set too: the step whose rows the driver gathered until f99293f. The last line
+printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -30,21 +34,28 @@ from scale import legacy_tree, measure, ratios  # noqa: E402
 CHILD = """
 import json, resource, sys, time
 from raypost.curation import curate
-from raypost.curation.config import DedupStep, VerifyStep, WriteStep
+from raypost.curation.config import CandidateConfig, DedupStep, SelectStep, VerifyStep, WriteStep
 from raypost.curation.rows import read_stage
 from raypost.runtime import ensure_ray
 
 if __name__ == "__main__":
     parts, out = sys.argv[1], sys.argv[2]
+    select = "--select" in sys.argv
     ensure_ray()
     started = time.perf_counter()
-    summary = curate(read_stage(parts), [DedupStep(step="dedup", near=False), VerifyStep(step="verify"),
-                                         WriteStep(step="write", formats=["sft", "kto"])], output_dir=out)
+    steps = [DedupStep(step="dedup", near=False), VerifyStep(step="verify")]
+    if select:
+        steps.append(SelectStep(step="select", scorer="none", candidates=[
+            CandidateConfig(name="reference", source="reference"), CandidateConfig(name="teacher", source="input")]))
+    steps.append(WriteStep(step="write", formats=["sft", "kto", "preference"] if select else ["sft", "kto"]))
+    summary = curate(read_stage(parts), steps, output_dir=out)
     seconds = time.perf_counter() - started
     print("RESULT", json.dumps({"rows_out": summary["rows_out"], "rows_rejected": summary["rows_rejected"],
                                 "rejected_by_step": summary["rejected_by_step"],
                                 "sft": summary["steps"]["write"]["sft"]["rows"],
-                                "kto": summary["steps"]["write"]["kto"]["rows"], "seconds": seconds,
+                                "kto": summary["steps"]["write"]["kto"]["rows"],
+                                "preference": summary["steps"]["write"].get("preference", {}).get("rows"),
+                                "seconds": seconds,
                                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 """
 
@@ -82,13 +93,16 @@ def main() -> None:
     parser.add_argument("--legacy-ref", default="d5ef44f", help="git ref of the driver-side curation path")
     parser.add_argument("--no-legacy", action="store_true")
     parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--select", action="store_true", help="add response selection (no model) and the preference set")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="raypost-scale-curate-"))
     legacy_path = None if args.no_legacy else legacy_tree(args.legacy_ref, Path(tempfile.mkdtemp(prefix="raypost-legacy-")))
-    result: dict = {"steps": ["dedup(exact)", "verify(math)", "write(sft,kto)"], "parts_per_size": args.files,
+    steps = ["dedup(exact)", "verify(math)", "select(reference,input; scorer none)", "write(sft,kto,preference)"] \
+        if args.select else ["dedup(exact)", "verify(math)", "write(sft,kto)"]
+    result: dict = {"steps": steps, "parts_per_size": args.files,
                     "sizes": args.sizes}
-    label = {10_000: "10k", 100_000: "100k", 300_000: "300k", 1_000_000: "1m"}
+    label = {10_000: "10k", 100_000: "100k", 200_000: "200k", 300_000: "300k", 1_000_000: "1m"}
     counts: dict[str, dict] = {}
     for size in args.sizes:
         name = label.get(size, str(size))
@@ -96,10 +110,11 @@ def main() -> None:
         for prefix, pythonpath in (("", str(REPO)), ("legacy_", legacy_path)):
             if pythonpath is None:
                 continue
-            measured = measure(result, CHILD, pythonpath, parts, work / f"out-{prefix or 'new_'}{size}", prefix, name, size)
+            measured = measure(result, CHILD, pythonpath, parts, work / f"out-{prefix or 'new_'}{size}", prefix, name, size,
+                               extra_args=["--select"] if args.select else [])
             if measured is not None:
                 counts.setdefault(name, {})[prefix or "streaming"] = {
-                    k: measured[k] for k in ("rows_out", "rows_rejected", "rejected_by_step", "sft", "kto")}
+                    k: measured.get(k) for k in ("rows_out", "rows_rejected", "rejected_by_step", "sft", "kto", "preference")}
         subprocess.run(["rm", "-rf", str(parts)], check=True)
     ratios(result, [label.get(s, str(s)) for s in args.sizes])
     result["counts"] = counts

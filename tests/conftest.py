@@ -31,7 +31,10 @@ def ray_local():
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+        from raypost.runtime import LOCAL_RAY_CONFIG
+
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                 _system_config=LOCAL_RAY_CONFIG)
         started = True
     yield ray
     if started:

@@ -257,6 +257,62 @@ def test_entropy_routing_rejects_hard_prompts_without_a_verified_chain_of_though
     assert len(out) + len(reasons) == 9
 
 
+def test_entropy_routing_generates_the_chain_of_thought_for_hard_prompts_only(ray_local, tiny_model, tmp_path):
+    """teacher: generate asks the teacher about the hard prompts alone (the saving is real): the
+    workers commit those prompts, the generation stage answers them into the teacher's directory,
+    and each hard prompt trains on its answer; a rerun asks for nothing again."""
+    from raypost.config import EngineConfig, SamplingConfig
+
+    rows = [{**r, "response": None, "completion_tokens": None} for r in routing_rows(12)]
+    teacher_dir = tmp_path / "teacher_cot"
+    teacher = ResponseSource("teacher", "generate", model="gold", output_dir=str(teacher_dir),
+                             engine=EngineConfig(backend="reference", batch_size=2),
+                             sampling=SamplingConfig(max_tokens=64))
+    log = CurationLog()
+    out = {r["id"]: r for r in rows_of(entropy_route(dataset_from_rows(rows), model=str(tiny_model), teacher=teacher,
+                                                     low_quantile=0.25, high_quantile=0.5, log=log))}
+    report = log.reports["entropy_route"]
+    hard = sorted(i for i, r in out.items() if r["difficulty"] == "hard")
+    assert len(out) == 12 and not log.rejected and len(hard) == report["split"]["hard"] == 6
+    generated = records.read_rows(teacher_dir)
+    assert sorted(r["id"] for r in generated) == hard                # asked about the hard prompts only
+    answers = {r["id"]: r["response"] for r in generated}
+    for i, row in out.items():
+        if i in hard:
+            assert row["target_source"] == "teacher_cot" and row["target"] == answers[i]
+        else:
+            assert row["target_source"] == "short_answer"
+    assert report["cot_prompts_used"] == 6 and report["cot_tokens_used"] == sum(r["completion_tokens"] for r in generated)
+    before = {p.name: p.stat().st_mtime_ns for p in records.part_files(teacher_dir)}
+    again = CurationLog()
+    entropy_route(dataset_from_rows(rows), model=str(tiny_model), teacher=teacher, low_quantile=0.25,
+                  high_quantile=0.5, log=again)
+    assert {p.name: p.stat().st_mtime_ns for p in records.part_files(teacher_dir)} == before
+    assert again.reports["entropy_route"]["cot_tokens_used"] == 0       # nothing generated twice
+
+
+def test_empty_blocks_are_left_out_before_a_shuffle(ray_local):
+    """A map whose function returns no rows for a block can leave a block without columns (Ray
+    Data 2.60); `materialized` leaves such blocks out, so the repartition on id that follows works."""
+    import pyarrow as pa
+
+    from raypost.curation.rows import by_id, id_groups, materialized
+
+    table = pa.table({"id": [f"p-{i % 5}" for i in range(40)], "sample_index": list(range(40))})
+    dataset = dataset_from_rows(table.to_pylist()).repartition(8).map_batches(
+        lambda b: b if int(b.column("sample_index")[0].as_py()) % 10 == 0 else b.slice(0, 0), batch_format="pyarrow")
+    kept = materialized(dataset)
+    blocks = ray_local.get(kept.to_arrow_refs())
+    assert blocks and all(b.num_rows for b in blocks)
+
+    def count(block):
+        return pa.Table.from_pylist([{"id": g[0]["id"], "n": len(g)} for g in id_groups(block)])
+
+    counts = {r["id"]: r["n"] for r in rows_of(by_id(kept, count, 2))}
+    assert sum(counts.values()) == sum(b.num_rows for b in blocks) and len(counts) == len({
+        i for b in blocks for i in b.column("id").to_pylist()})
+
+
 def test_entropy_auc_predicts_the_student_being_wrong():
     assert entropy_auc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 1.0
     assert entropy_auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 0.0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,8 +30,9 @@ import pyarrow as pa
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.curation.config import DEFAULT_ANSWER_PROMPT
-from raypost.curation.sources import ResponseSource
-from raypost.curation.rows import CurationLog, attach_decisions, batch_rows, collect, column_names, natural_key, question_text, rows_table
+from raypost.curation.sources import ResponseSource, with_columns
+from raypost.curation.rows import (LIGHT_CPUS, CurationLog, attach, batch_rows, by_id, column_names,
+                                   first_samples, id_groups, join_partitions, materialized, question_text, rows_table)
 
 def answer_only_messages(messages: list[dict[str, str]], answer_prompt: str = DEFAULT_ANSWER_PROMPT) -> list[dict[str, str]]:
     """The question alone, re-asked for its final answer (the original system prompt may ask for steps)."""
@@ -196,6 +197,19 @@ def _verify_candidates(candidates: list[dict[str, Any]]) -> None:
                 c[schema.VERIFIED], c[schema.VERIFY_REASON] = False, "no reference or response"
 
 
+# what the per-prompt pick of a chain of thought reads of each candidate response
+CANDIDATE_COLUMNS = {schema.ID: pa.string(), schema.SAMPLE_INDEX: pa.int32(), schema.RESPONSE: pa.string(),
+                     schema.COMPLETION_TOKENS: pa.int32(), schema.VERIFIED: pa.bool_(),
+                     schema.VERIFY_REASON: pa.string(), schema.REFERENCE: pa.string()}
+PICK_COLUMNS = {"_cot_sample": pa.int32(), "_cot_text": pa.string(), "_cot_tokens": pa.int64(), "_cot_why": pa.string(),
+                "_min_tokens": pa.int64()}
+# per prompt, summed into the report (the driver receives the sums)
+TALLY_COLUMNS = ("_kept", "_hard", "_easy_medium", "_collapsed", "_cot_tokens_used", "_cot_known", "_saved_tokens",
+                 "_saved_known")
+DECISION_COLUMNS = {"_sample": pa.int32(), **schema.ROUTE_COLUMNS, "_why": pa.string(),
+                    **{c: pa.int64() for c in TALLY_COLUMNS}}
+
+
 def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, answer_prompt: str = DEFAULT_ANSWER_PROMPT,
                   answer_max_tokens: int = 16, low_quantile: float = 0.25, high_quantile: float = 0.75,
                   teacher: ResponseSource | None = None, short_answer_template: str = "#### {answer}",
@@ -208,151 +222,188 @@ def entropy_route(dataset, *, model: str, engine: EngineConfig | None = None, an
     Returns one row per prompt id with `entropy`, `entropy_normalized`, `student_answer`,
     `student_correct`, `difficulty` (easy/medium/hard), `target` (the text to train on) and
     `target_source` (teacher_cot / short_answer). Report: thresholds, split, ROC AUC, savings.
+
+    Every row stays on the workers: one prompt per id (a Ray Data hash repartition on id), the
+    student's scoring on engine actors, the teacher's chain of thought from its source (generated
+    for hard prompts only, through the generation stage), the pick per prompt (repartitioned on
+    id again) and the decision joined back to the rows (a Ray Data join). The quantile thresholds
+    and the ROC AUCs need every prompt's signal: one task on a worker holds a few numbers per
+    prompt for them.
+    The driver receives the report's numbers.
     """
+    import ray
+
     log = log if log is not None else CurationLog()
     teacher = teacher or ResponseSource("teacher")
     started = time.perf_counter()
     dataset = dataset.materialize()
+    if not dataset.count():
+        log.report("entropy_route", {"model": model, "prompts_in": 0, "prompts_out": 0})
+        return dataset
     names = column_names(dataset)
-    light_columns = [c for c in (schema.ID, schema.SAMPLE_INDEX, schema.MESSAGES, schema.REFERENCE, schema.RESPONSE,
-                                 schema.COMPLETION_TOKENS, schema.VERIFIED, schema.VERIFY_REASON) if c in names]
-    by_id: dict[str, list[dict[str, Any]]] = {}
-    for row in collect(dataset, light_columns).to_pylist():
-        by_id.setdefault(str(row[schema.ID]), []).append(row)
-
-    score, scoring_seconds = _student_scores(by_id, model=model, engine=engine, answer_prompt=answer_prompt,
-                                             max_tokens=answer_max_tokens, resources=resources, cache_dir=cache_dir,
-                                             signal=signal, cot_max_tokens=cot_max_tokens)
-    failed = {i for i in by_id if score.get(i, {}).get(schema.ENTROPY) is None}
-    for i in failed:
-        for row in by_id[i]:
-            log.reject("entropy_route", row, f"student scoring failed: {score.get(i, {}).get(schema.ERROR) or 'no output'}")
-    ids = [i for i in sorted(by_id, key=natural_key) if i not in failed]
-    if not ids:
-        log.report("entropy_route", {"prompts_in": len(by_id), "prompts_out": 0, "scoring_failed": len(failed)})
-        return dataset.limit(0)
-
-    # quantile thresholds over the whole dataset
-    low, high = difficulty_thresholds([score[i][schema.ENTROPY_NORMALIZED] for i in ids], low_quantile, high_quantile)
-    difficulty = {i: difficulty_of(score[i][schema.ENTROPY_NORMALIZED], low, high) for i in ids}
-    correct = {i: _student_correct(score[i][schema.STUDENT_ANSWER], by_id[i][0].get(schema.REFERENCE),
-                                   answer_only=signal == "first_token") for i in ids}
-    hard = [i for i in ids if difficulty[i] == "hard"]
+    units = first_samples(dataset, [c for c in (schema.ID, schema.SAMPLE_INDEX, schema.MESSAGES, schema.REFERENCE)
+                                    if c in names])
+    light = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    scoring_started = time.perf_counter()
+    scored = score_entropy(units, model=model, engine=engine, answer_prompt=answer_prompt, max_tokens=answer_max_tokens,
+                           resources=resources, cache_dir=cache_dir, signal=signal, cot_max_tokens=cot_max_tokens)
+    scored = scored.map_batches(_check_student, **light, fn_kwargs=dict(answer_only=signal == "first_token"))
+    scored = scored.drop_columns([schema.MESSAGES]).materialize()
+    scoring_seconds = time.perf_counter() - scoring_started
+    numbers = ray.get(ray.remote(route_numbers).options(num_cpus=LIGHT_CPUS).remote(
+        low_quantile, high_quantile, *scored.select_columns(
+            [schema.ENTROPY, schema.ENTROPY_NORMALIZED, schema.SIGNALS, schema.STUDENT_CORRECT]).to_arrow_refs()))
+    prompts_in, partitions = numbers.pop("prompts_in"), join_partitions(numbers["prompts_scored"])
+    low, high = numbers["thresholds"] or (0.0, 0.0)
+    labeled = materialized(scored.map_batches(_label, **light, fn_kwargs=dict(low=low, high=high)))
 
     # the teacher's chain of thought: generated for hard prompts only; read for all when it
     # exists already (what the others did not need is the saving)
-    cot_candidates, generated_tokens = teacher.responses(
-        by_id, ids if teacher.from_ in ("input", "stage") else hard, resources=resources, cache_dir=cache_dir,
-        progress="curate: teacher chain of thought")
-    if require_verified_cot:
-        for i in hard:
-            _verify_candidates(cot_candidates.get(i, []))
+    asked = units if teacher.from_ != "generate" else units.join(
+        materialized(labeled.filter(lambda r: r[schema.DIFFICULTY] == "hard").select_columns([schema.ID])), "left_semi",
+        num_partitions=partitions, on=(schema.ID,))
+    responses, generated_tokens = teacher.dataset(dataset, asked, resources=resources, cache_dir=cache_dir,
+                                                  progress="curate: teacher chain of thought")
+    picks = by_id(responses.map_batches(with_columns, **light, fn_kwargs=dict(columns=CANDIDATE_COLUMNS)),
+                  _pick_for_prompts, partitions, require_verified=require_verified_cot)
+    decisions = labeled.join(materialized(picks), "left_outer", num_partitions=partitions, on=(schema.ID,)).map_batches(
+        _decide, **light, fn_kwargs=dict(teacher_from=teacher.from_, short_answer_template=short_answer_template)
+    ).materialize()
+    routed = attach(dataset, decisions, schema.ROUTE_COLUMNS, "entropy_route", log, partitions)
 
-    decision, cot_tokens = _choose_targets(ids, by_id, score, difficulty, correct, cot_candidates, teacher,
-                                           require_verified_cot, short_answer_template, log)
-    routed = attach_decisions(dataset, decision, schema.ROUTE_COLUMNS)
-    counts = {d: sum(1 for i in ids if difficulty[i] == d) for d in ("easy", "medium", "hard")}
-    checked = [i for i in ids if correct[i] is not None]
+    sums = decisions.sum(list(TALLY_COLUMNS)) or {}
+    tally = {c: int(sums.get(f"sum({c})") or 0) for c in TALLY_COLUMNS}
     log.report("entropy_route", {
         "model": model,
-        "prompts_in": len(by_id),
-        "prompts_out": len(decision),
-        "scoring_failed": len(failed),
+        "prompts_in": prompts_in,
+        "prompts_out": tally["_kept"],
+        "scoring_failed": prompts_in - numbers.pop("prompts_scored"),
         "quantiles": [low_quantile, high_quantile],
-        "thresholds": [low, high],
-        "split": counts,
-        "student_accuracy": round(sum(1 for i in checked if correct[i]) / len(checked), 4) if checked else None,
-        "student_accuracy_by_difficulty": {
-            d: (round(sum(1 for i in checked if difficulty[i] == d and correct[i])
-                      / max(1, sum(1 for i in checked if difficulty[i] == d)), 4)) for d in counts},
+        **numbers,
         "signal": signal,
-        "entropy_roc_auc": entropy_auc([score[i][schema.ENTROPY] for i in ids], [correct[i] for i in ids]),
-        "signal_roc_auc": {name: entropy_auc([score[i][schema.SIGNALS][name] for i in ids], [correct[i] for i in ids])
-                           for name in schema.ROUTING_SIGNALS
-                           if any(score[i][schema.SIGNALS][name] is not None for i in ids)},
-        "auc_prompts": len(checked),
         "teacher_source": teacher.from_,
-        **_savings(ids, difficulty, cot_candidates, cot_tokens, generated_tokens, teacher),
-        "collapsed_samples": sum(len(by_id[i]) - 1 for i in decision),
+        **_savings(tally, generated_tokens, teacher),
+        "collapsed_samples": tally["_collapsed"],
         "scoring_seconds": round(scoring_seconds, 3),
-        "scoring_rows_per_second": round(len(by_id) / scoring_seconds, 3) if scoring_seconds else None,
+        "scoring_rows_per_second": round(prompts_in / scoring_seconds, 3) if scoring_seconds else None,
         "seconds": round(time.perf_counter() - started, 3),
     })
     return routed
 
 
-def _student_scores(by_id: dict[str, list[dict[str, Any]]], *, model, engine, answer_prompt, max_tokens, resources,
-                    cache_dir, signal, cot_max_tokens) -> tuple[dict[str, dict[str, Any]], float]:
-    """The student's entropy (and short answer), one row per prompt, on engine actors."""
-    import ray
-
-    units = [{schema.ID: i, schema.MESSAGES: rows[0][schema.MESSAGES]} for i, rows in by_id.items()]
-    started = time.perf_counter()
-    scored = collect(score_entropy(ray.data.from_arrow(pa.Table.from_pylist(units)), model=model, engine=engine,
-                                   answer_prompt=answer_prompt, max_tokens=max_tokens, resources=resources,
-                                   cache_dir=cache_dir, signal=signal, cot_max_tokens=cot_max_tokens)).to_pylist()
-    return {str(r[schema.ID]): r for r in scored}, time.perf_counter() - started
-
-
-def _choose_targets(ids, by_id, score, difficulty, correct, cot_candidates, teacher: ResponseSource,
-                    require_verified_cot: bool, short_answer_template: str, log: CurationLog):
-    """One target per prompt: a verified chain of thought for a hard one, the short answer for
-    the rest; a prompt that has neither is set aside with the reason."""
-    decision: dict[str, dict[str, Any]] = {}
-    cot_tokens: dict[str, int | None] = {}
-    for i in ids:
-        base = dict(by_id[i][0])
-        if difficulty[i] == "hard":
-            chosen, why = _pick_cot(cot_candidates.get(i, []), require_verified_cot)
-            if chosen is None:
-                for row in by_id[i]:
-                    log.reject("entropy_route", row, why)
-                continue
-            target, source = chosen[schema.RESPONSE], "teacher_cot"
-            cot_tokens[i] = chosen.get(schema.COMPLETION_TOKENS)
-            if teacher.from_ == "input":
-                base = dict(chosen)
-        else:
-            target = _short_answer(base.get(schema.REFERENCE), short_answer_template)
-            source = "short_answer"
-            if target is None:
-                for row in by_id[i]:
-                    log.reject("entropy_route", row, f"{difficulty[i]} prompt: no final answer in the reference "
-                                                     "to use as the short answer")
-                continue
-        decision[i] = {
-            "sample": base.get(schema.SAMPLE_INDEX),
-            schema.ENTROPY: score[i][schema.ENTROPY],
-            schema.ENTROPY_NORMALIZED: score[i][schema.ENTROPY_NORMALIZED],
-            schema.SIGNALS: score[i][schema.SIGNALS],
-            schema.STUDENT_ANSWER: score[i][schema.STUDENT_ANSWER],
-            schema.STUDENT_CORRECT: correct[i],
-            schema.DIFFICULTY: difficulty[i],
-            schema.TARGET: target,
-            schema.TARGET_SOURCE: source,
-        }
-    return decision, cot_tokens
-
-
-def _savings(ids, difficulty, cot_candidates, cot_tokens, generated_tokens, teacher: ResponseSource) -> dict[str, Any]:
-    """What routing saved: the chain of thought that easy and medium prompts did not need."""
-    easy_medium = [i for i in ids if difficulty[i] != "hard"]
-    unused_cot_tokens, estimated = None, False
-    if teacher.from_ in ("input", "stage"):
-        per_prompt = []
-        for i in easy_medium:
-            known = [c.get(schema.COMPLETION_TOKENS) for c in cot_candidates.get(i, []) if c.get(schema.COMPLETION_TOKENS)]
-            if known:
-                per_prompt.append(min(known))
-        unused_cot_tokens = int(sum(per_prompt)) if per_prompt else None
-    used = [t for t in cot_tokens.values() if t]
-    used_tokens = generated_tokens if generated_tokens is not None else (int(sum(used)) if used else None)
-    if unused_cot_tokens is None and used:
-        unused_cot_tokens, estimated = int(np.mean(used) * len(easy_medium)), True
+def route_numbers(low_quantile: float, high_quantile: float, *tables: pa.Table) -> dict[str, Any]:
+    """The global part of routing, in one task: the quantile thresholds over every prompt's
+    signal, the split, the student's accuracy per difficulty and each signal's ROC AUC."""
+    rows = [r for t in tables if t.num_rows for r in t.to_pylist()]
+    scored = [r for r in rows if r[schema.ENTROPY_NORMALIZED] is not None]
+    numbers: dict[str, Any] = {"prompts_in": len(rows), "prompts_scored": len(scored)}
+    if not scored:
+        return {**numbers, "thresholds": None}
+    low, high = difficulty_thresholds([r[schema.ENTROPY_NORMALIZED] for r in scored], low_quantile, high_quantile)
+    difficulty = [difficulty_of(r[schema.ENTROPY_NORMALIZED], low, high) for r in scored]
+    correct = [r[schema.STUDENT_CORRECT] for r in scored]
+    counts = {d: difficulty.count(d) for d in ("easy", "medium", "hard")}
+    checked = [(d, c) for d, c in zip(difficulty, correct) if c is not None]
     return {
-        "cot_prompts_used": len(ids) - len(easy_medium),
-        "cot_prompts_saved": len(easy_medium),
-        "cot_prompts_saved_fraction": round(len(easy_medium) / len(ids), 4),
+        **numbers,
+        "thresholds": [low, high],
+        "split": counts,
+        "student_accuracy": round(sum(c for _, c in checked) / len(checked), 4) if checked else None,
+        "student_accuracy_by_difficulty": {
+            d: round(sum(1 for e, c in checked if e == d and c) / max(1, sum(1 for e, _ in checked if e == d)), 4)
+            for d in counts},
+        "entropy_roc_auc": entropy_auc([r[schema.ENTROPY] for r in scored], correct),
+        "signal_roc_auc": {name: entropy_auc([r[schema.SIGNALS][name] for r in scored], correct)
+                           for name in schema.ROUTING_SIGNALS
+                           if any(r[schema.SIGNALS][name] is not None for r in scored)},
+        "auc_prompts": len(checked),
+    }
+
+
+def _check_student(batch: pa.Table, *, answer_only: bool) -> pa.Table:
+    """Ray Data batch function: `student_correct`, the student's reply checked against the reference."""
+    correct = [_student_correct(answer, reference, answer_only=answer_only) for answer, reference in zip(
+        batch.column(schema.STUDENT_ANSWER).to_pylist(), (batch.column(schema.REFERENCE).to_pylist()
+                                                          if schema.REFERENCE in batch.column_names
+                                                          else [None] * batch.num_rows))]
+    return batch.append_column(schema.STUDENT_CORRECT, pa.array(correct, pa.bool_()))
+
+
+def _label(batch: pa.Table, *, low: float, high: float) -> pa.Table:
+    """Ray Data batch function: `difficulty` by the thresholds (null where the student gave no signal)."""
+    labels = [None if e is None else difficulty_of(e, low, high)
+              for e in batch.column(schema.ENTROPY_NORMALIZED).to_pylist()]
+    return batch.append_column(schema.DIFFICULTY, pa.array(labels, pa.string()))
+
+
+def _pick_for_prompts(block: pa.Table, *, require_verified: bool) -> pa.Table:
+    """`by_id` block function: each prompt's candidate responses -> the chain of thought it would
+    train on (or why none), and the fewest completion tokens any of them took (the saving, when
+    the prompt turns out not to need one)."""
+    out = []
+    for candidates in id_groups(block):
+        if require_verified:
+            _verify_candidates(candidates)
+        chosen, why = _pick_cot(candidates, require_verified)
+        known = [c[schema.COMPLETION_TOKENS] for c in candidates if c.get(schema.COMPLETION_TOKENS)]
+        out.append({
+            schema.ID: candidates[0][schema.ID],
+            "_cot_sample": None if chosen is None else chosen.get(schema.SAMPLE_INDEX),
+            "_cot_text": None if chosen is None else chosen[schema.RESPONSE],
+            "_cot_tokens": None if chosen is None else chosen.get(schema.COMPLETION_TOKENS),
+            "_cot_why": why or None,
+            "_min_tokens": min(known) if known else None,
+        })
+    return pa.Table.from_pylist(out, schema=pa.schema([(schema.ID, pa.string()), *PICK_COLUMNS.items()]))
+
+
+def _decide(batch: pa.Table, *, teacher_from: str, short_answer_template: str) -> pa.Table:
+    """Ray Data batch function: each prompt (its scores and its pick joined) -> its decision: the
+    sample kept and its target, or why the prompt is set aside; plus the tallies of the report."""
+    out = []
+    for row in batch.to_pylist():
+        difficulty = row[schema.DIFFICULTY]
+        decision = {schema.ID: row[schema.ID], "_sample": row.get(schema.SAMPLE_INDEX),
+                    **{c: row.get(c) for c in schema.ROUTE_COLUMNS}, **dict.fromkeys(TALLY_COLUMNS, 0)}
+        why, target, source = None, None, None
+        if difficulty is None:
+            why = f"student scoring failed: {row.get(schema.ERROR) or 'no output'}"
+        elif difficulty == "hard":
+            decision["_hard"] = 1
+            if row.get("_cot_text") is None:
+                why = row.get("_cot_why") or "hard prompt: no teacher chain of thought"
+            else:
+                target, source = row["_cot_text"], "teacher_cot"
+                decision["_cot_tokens_used"] = row.get("_cot_tokens") or 0
+                decision["_cot_known"] = int(bool(row.get("_cot_tokens")))
+                if teacher_from == "input":  # the row kept is the chosen response's own
+                    decision["_sample"] = row.get("_cot_sample")
+        else:
+            decision["_easy_medium"] = 1
+            decision["_saved_tokens"] = row.get("_min_tokens") or 0
+            decision["_saved_known"] = int(bool(row.get("_min_tokens")))
+            target, source = _short_answer(row.get(schema.REFERENCE), short_answer_template), "short_answer"
+            if target is None:
+                why = f"{difficulty} prompt: no final answer in the reference to use as the short answer"
+        decision.update({schema.TARGET: target, schema.TARGET_SOURCE: None if why else source, "_why": why,
+                         "_kept": int(why is None), "_collapsed": (row.get("_rows") or 1) - 1 if why is None else 0})
+        out.append(decision)
+    return pa.Table.from_pylist(out, schema=pa.schema([(schema.ID, pa.string()), *DECISION_COLUMNS.items()]))
+
+
+def _savings(tally: dict[str, int], generated_tokens: int | None, teacher: ResponseSource) -> dict[str, Any]:
+    """What routing saved: the chain of thought that easy and medium prompts did not need."""
+    easy_medium, hard = tally["_easy_medium"], tally["_hard"]
+    unused_cot_tokens, estimated = None, False
+    if teacher.from_ in ("input", "stage") and tally["_saved_known"]:
+        unused_cot_tokens = tally["_saved_tokens"]
+    used_tokens = generated_tokens if generated_tokens is not None else (tally["_cot_tokens_used"] or None)
+    if unused_cot_tokens is None and tally["_cot_known"]:
+        unused_cot_tokens, estimated = int(tally["_cot_tokens_used"] / tally["_cot_known"] * easy_medium), True
+    return {
+        "cot_prompts_used": hard,
+        "cot_prompts_saved": easy_medium,
+        "cot_prompts_saved_fraction": round(easy_medium / (hard + easy_medium), 4) if hard + easy_medium else None,
         "cot_tokens_used": used_tokens,
         "cot_tokens_saved": unused_cot_tokens,
         "cot_tokens_saved_estimated": estimated,

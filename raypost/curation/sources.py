@@ -11,9 +11,13 @@ texts answer this prompt?) with the same four answers.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
@@ -35,38 +39,55 @@ class ResponseSource:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
     output_dir: str | None = None
 
-    def responses(self, by_id: dict[str, list[dict[str, Any]]], ids: list[str] | None = None, *,
-                  resources: Resources | None = None, cache_dir: str | None = None,
-                  progress: bool | str = False) -> tuple[dict[str, list[dict[str, Any]]], int | None]:
-        """Response rows (`response`, `sample_index`, whatever else the source has) per prompt id
-        of `ids` (default: all of `by_id`), and the completion tokens generated now (None unless
-        `generate`)."""
-        from raypost import records
+    def dataset(self, rows, units, *, resources: Resources | None = None, cache_dir: str | None = None,
+                progress: bool | str = False) -> tuple[Any, int | None]:
+        """This source's response rows (`id`, `sample_index`, `response`, whatever else it has) as a
+        Ray Dataset, and the completion tokens generated now (None unless `generate`).
 
-        wanted = list(by_id) if ids is None else list(ids)
-        found: dict[str, list[dict[str, Any]]] = {}
-        if self.from_ == "reference":
-            for i in wanted:
-                if by_id[i][0].get(schema.REFERENCE):
-                    found[i] = [{**by_id[i][0], schema.RESPONSE: clean_reference(by_id[i][0][schema.REFERENCE]),
-                                 schema.SAMPLE_INDEX: None}]
-            return found, None
+        `rows`: the step's input rows; `units`: one prompt row per id asked about (`id`,
+        `messages`, `reference`), both Datasets. Nothing passes through the driver: the input's
+        rows and an earlier stage's parts are read by the workers, references are cleaned in a map,
+        and `generate` has the workers commit the units as a prompt file that the generation stage
+        reads (resumable: a rerun generates only what is not committed).
+        """
+        from raypost.curation.rows import LIGHT_CPUS, join_partitions, materialized, read_stage, write_dataset
+
         if self.from_ == "input":
-            return {i: [dict(r) for r in by_id[i]] for i in wanted}, None
-        tokens = None
-        directory = self.stage_dir
-        if self.from_ == "generate":
-            from raypost.generation.pipeline import generate
+            return rows, None
+        if self.from_ == "stage":
+            return read_stage(self.stage_dir), None
+        if self.from_ == "reference":
+            return units.map_batches(reference_responses, batch_format="pyarrow", num_cpus=LIGHT_CPUS), None
+        from raypost import records
+        from raypost.generation.pipeline import generate_files
 
-            directory = self.output_dir or f"responses_{self.name}"
-            summary = generate([{schema.ID: i, schema.MESSAGES: by_id[i][0][schema.MESSAGES],
-                                 schema.REFERENCE: by_id[i][0].get(schema.REFERENCE)} for i in wanted],
-                               model=self.model, output_dir=directory, engine=self.engine, sampling=self.sampling,
-                               resources=resources, cache_dir=cache_dir, source=f"curate:{self.name}",
-                               progress=progress)
-            tokens = summary.completion_tokens
-        keep = set(wanted)
-        for row in records.read_rows(Path(directory)):
-            if str(row[schema.ID]) in keep:
-                found.setdefault(str(row[schema.ID]), []).append(row)
-        return found, tokens
+        directory = Path(self.output_dir or f"responses_{self.name}")
+        prompts = directory / "prompts"
+        shutil.rmtree(prompts, ignore_errors=True)  # the units of this run, not of an earlier one
+        columns = [c for c in (schema.ID, schema.MESSAGES, schema.REFERENCE) if c in units.schema().names]
+        if not write_dataset(units.select_columns(columns), prompts):
+            return units.limit(0), 0
+        summary = generate_files(str(prompts), records.PromptFormat(prompt_field=schema.MESSAGES, id_field=schema.ID,
+                                                                    reference_field=schema.REFERENCE),
+                                 model=self.model, output_dir=directory, engine=self.engine, sampling=self.sampling,
+                                 resources=resources, cache_dir=cache_dir, progress=progress)
+        # the directory may hold answers to prompts of an earlier run that this one did not ask about
+        answers = materialized(read_stage(directory)).join(
+            materialized(units.select_columns([schema.ID])), "left_semi", num_partitions=join_partitions(
+                summary.rows_total), on=(schema.ID,))
+        return answers, summary.completion_tokens
+
+
+def reference_responses(batch: pa.Table) -> pa.Table:
+    """Ray Data batch function: each unit's gold solution as a response (calculator notes removed)."""
+    rows = [{**row, schema.RESPONSE: clean_reference(row[schema.REFERENCE]), schema.SAMPLE_INDEX: None}
+            for row in batch.to_pylist() if row.get(schema.REFERENCE)]
+    return pa.Table.from_pylist(rows, schema=pa.schema([*(f for f in batch.schema if f.name != schema.RESPONSE),
+                                                        pa.field(schema.RESPONSE, pa.string())]))
+
+
+def with_columns(batch: pa.Table, columns: dict[str, pa.DataType]) -> pa.Table:
+    """`batch` with exactly `columns`, cast to their types; a column the source lacks is null."""
+    arrays = [pc.cast(batch.column(name), dtype) if name in batch.column_names else pa.nulls(batch.num_rows, dtype)
+              for name, dtype in columns.items()]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(list(columns.items())))
