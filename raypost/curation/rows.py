@@ -261,8 +261,8 @@ def attach(dataset, decisions, columns: dict[str, pa.DataType], step: str, log: 
     """
     names = column_names(dataset)
     base = dataset.drop_columns([c for c in columns if c in names]) if set(columns) & set(names) else dataset
-    joined = materialized(base).join(materialized(decisions.select_columns([schema.ID, "_sample", *columns, "_why"])), "inner",
-                       num_partitions=partitions, on=(schema.ID,)).materialize()
+    decided = materialized(decisions.select_columns([schema.ID, "_sample", *columns, "_why"]))
+    joined = materialized(base).join(decided, "inner", num_partitions=partitions, on=(schema.ID,)).materialize()
     maps = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     set_aside = joined.map_batches(_set_aside, **maps, fn_kwargs=dict(columns=list(columns)))
     log.reject_rows(step, set_aside, lambda row: row.pop("_why"))
