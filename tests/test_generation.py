@@ -163,6 +163,33 @@ def test_prompt_files_are_read_on_the_workers_and_resume_by_key(tmp_path, ray_lo
     assert len(records.read_rows(out / "rejected")) == 3   # set aside again under the same names, not twice
 
 
+def test_a_resume_past_the_broadcast_limit_subtracts_by_a_hash_join(tmp_path, ray_local, monkeypatch):
+    """Above BROADCAST_KEYS committed keys a rerun subtracts them with Ray Data's hash join (set
+    to 1 here, so 10 keys take that path), with a shard whose every line is bad in the input (its
+    block leaves nothing to generate): every (id, sample) once, the bad lines set aside once."""
+    from raypost.generation import pipeline
+
+    shards = tmp_path / "shards"
+    write_jsonl(shards / "a.jsonl", questions(0, 6))
+    write_jsonl(shards / "b.jsonl", ["{not json", "{nor this"])
+    write_jsonl(shards / "c.jsonl", questions(6, 10))
+    out = tmp_path / "gen"
+
+    def run(n: int):
+        return generate_files(str(shards / "*.jsonl"), QUESTION, model="gold", output_dir=out,
+                              engine=EngineConfig(backend="reference", batch_size=3),
+                              sampling=SamplingConfig(n=n, max_tokens=8), progress=False)
+
+    first = run(1)
+    assert first.rows_written == 10 and first.rows_rejected == 2
+    monkeypatch.setattr(pipeline, "BROADCAST_KEYS", 1)
+    again = run(2)
+    rows = records.read_rows(out)
+    assert sorted((r["id"], r["sample_index"]) for r in rows) == sorted((f"id{i}", k) for i in range(10) for k in (0, 1))
+    assert again.rows_written == 10 and again.rows_skipped == 10
+    assert len(records.read_rows(out / "rejected")) == 2
+
+
 NODE_SCRIPT = """
 import sys
 from raypost.config import EngineConfig, Resources, SamplingConfig
