@@ -133,6 +133,13 @@ def test_inputs_resolve_from_globs_directories_and_uris(tmp_path):
         InputConfig(path=str(tmp_path / "nothing" / "*.jsonl"))
 
 
+def generate_shards(shards: Path, out: Path, n: int):
+    """The reference engine over every JSONL shard of `shards`, `n` samples a prompt, into `out`."""
+    return generate_files(str(shards / "*.jsonl"), QUESTION, model="gold", output_dir=out,
+                          engine=EngineConfig(backend="reference", batch_size=3),
+                          sampling=SamplingConfig(n=n, max_tokens=8), progress=False)
+
+
 def test_prompt_files_are_read_on_the_workers_and_resume_by_key(tmp_path, ray_local):
     """Two JSONL shards with bad lines and an id repeated across them, then a rerun asking one
     more sample per prompt: every (id, sample) once, every bad row set aside with file and line."""
@@ -142,9 +149,7 @@ def test_prompt_files_are_read_on_the_workers_and_resume_by_key(tmp_path, ray_lo
     out = tmp_path / "gen"
 
     def run(n: int):
-        return generate_files(str(shards / "*.jsonl"), QUESTION, model="gold", output_dir=out,
-                              engine=EngineConfig(backend="reference", batch_size=3),
-                              sampling=SamplingConfig(n=n, max_tokens=8), progress=False)
+        return generate_shards(shards, out, n)
 
     summary = run(2)
     rows = records.read_rows(out)
@@ -176,9 +181,7 @@ def test_a_resume_past_the_broadcast_limit_subtracts_by_a_hash_join(tmp_path, ra
     out = tmp_path / "gen"
 
     def run(n: int):
-        return generate_files(str(shards / "*.jsonl"), QUESTION, model="gold", output_dir=out,
-                              engine=EngineConfig(backend="reference", batch_size=3),
-                              sampling=SamplingConfig(n=n, max_tokens=8), progress=False)
+        return generate_shards(shards, out, n)
 
     first = run(1)
     assert first.rows_written == 10 and first.rows_rejected == 2
