@@ -30,9 +30,10 @@ import pyarrow as pa
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.curation.config import DEFAULT_ANSWER_PROMPT
-from raypost.curation.sources import ResponseSource, with_columns
+from raypost.curation.sources import ResponseSource
 from raypost.curation.rows import (LIGHT_CPUS, CurationLog, attach, batch_rows, by_id, column_names,
-                                   first_samples, id_groups, join_partitions, materialized, question_text, rows_table)
+                                   first_samples, id_groups, join_partitions, materialized, question_text, rows_table,
+                                   with_columns)
 
 def answer_only_messages(messages: list[dict[str, str]], answer_prompt: str = DEFAULT_ANSWER_PROMPT) -> list[dict[str, str]]:
     """The question alone, re-asked for its final answer (the original system prompt may ask for steps)."""

@@ -197,6 +197,15 @@ def rows_table(rows: list[dict[str, Any]], base: pa.Schema | None = None, extra:
     return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
+def with_columns(batch: pa.Table, columns: dict[str, pa.DataType]) -> pa.Table:
+    """`batch` with exactly `columns`, cast to their types; a column the source lacks is null."""
+    import pyarrow.compute as pc
+
+    arrays = [pc.cast(batch.column(name), dtype) if name in batch.column_names else pa.nulls(batch.num_rows, dtype)
+              for name, dtype in columns.items()]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(list(columns.items())))
+
+
 def materialized(dataset):
     """`dataset` computed (its blocks stay in the object store) without its empty blocks.
 

@@ -91,7 +91,6 @@ class JudgeScorer:
 CANDIDATE_SCHEMA = pa.schema([(schema.ID, pa.string()), ("source", pa.string()), ("text", pa.string()),
                               ("_rank", pa.int64()), (schema.MESSAGES, pa.list_(schema.MESSAGE_TYPE)),
                               (schema.REFERENCE, pa.string())])
-CANDIDATES_TYPE = schema.SELECT_COLUMNS[schema.CANDIDATES]
 
 
 def select_responses(dataset, *, candidates: list[ResponseSource], scorer: Literal["perplexity", "judge", "none"] = "perplexity",
@@ -104,9 +103,10 @@ def select_responses(dataset, *, candidates: list[ResponseSource], scorer: Liter
     keep `best` (an SFT target) but get no pair (`worst` is null).
 
     Every row stays on the workers: each source's responses as a Dataset, the same text from two
-    sources made one candidate per prompt (after a hash repartition on id), the verifier in a map, the large model on
-    its actors, the ranking per prompt (repartitioned on id again) and the decision joined back to the rows. The
-    driver receives the report's numbers (one task sums them on a worker).
+    sources made one candidate per prompt (after a hash repartition on id), the verifier in a map,
+    the large model on its actors, the ranking per prompt (repartitioned on id again) and the
+    decision joined back to the rows. The driver receives the report's numbers (one task sums them
+    on a worker).
     """
     import ray
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raypost import schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
@@ -84,10 +83,3 @@ def reference_responses(batch: pa.Table) -> pa.Table:
             for row in batch.to_pylist() if row.get(schema.REFERENCE)]
     return pa.Table.from_pylist(rows, schema=pa.schema([*(f for f in batch.schema if f.name != schema.RESPONSE),
                                                         pa.field(schema.RESPONSE, pa.string())]))
-
-
-def with_columns(batch: pa.Table, columns: dict[str, pa.DataType]) -> pa.Table:
-    """`batch` with exactly `columns`, cast to their types; a column the source lacks is null."""
-    arrays = [pc.cast(batch.column(name), dtype) if name in batch.column_names else pa.nulls(batch.num_rows, dtype)
-              for name, dtype in columns.items()]
-    return pa.Table.from_arrays(arrays, schema=pa.schema(list(columns.items())))
