@@ -297,6 +297,48 @@ def test_end_to_end_tiny_model_writes_every_output(tmp_path, ray_local, tiny_mod
                       output_dir=tmp_path / "mmlu", limit=4, method="loglik", progress=False)
     assert loglik.items == 4 and all(r["extracted"] in "ABCD" for r in records.read_rows(tmp_path / "mmlu" / "items"))
 
+    # prompts longer than the context: the engine produces nothing, and every sample still has its
+    # item row, wrong, with the reason the generation stage gave
+    short = evaluate("gsm8k", model=str(tiny_model), engine=EngineConfig(backend="transformers", max_model_len=64),
+                     output_dir=tmp_path / "short", limit=3, shots=4, n=2, k=(1, 2),
+                     sampling=SamplingConfig(max_tokens=8), progress=False)
+    rows = records.read_rows(tmp_path / "short" / "items")
+    assert sorted((r["id"], r["sample_index"]) for r in rows) == sorted((i, s) for i in {r["id"] for r in rows}
+                                                                        for s in range(2))
+    assert len(rows) == 6 and short.generation_errors == 6 and short.metrics == {"pass@1": 0.0, "pass@2": 0.0}
+    assert all(r["error_kind"] == "generation_error" and r["response"] is None for r in rows)
+    assert all("context" in r["finish_reason"] for r in rows), rows[0]["finish_reason"]
+
+
+@pytest.mark.slow
+def test_code_is_scored_on_the_workers_each_sample_committed_once(tmp_path, ray_local, shared_data):
+    """The reference engine answers each MBPP task with its own solution: the programs run in the
+    sandbox inside the scoring tasks, which commit the item rows, every (item, sample) once."""
+    from raypost.evaluation import evaluate
+
+    run = tmp_path / "mbpp"
+    summary = evaluate("mbpp", model="gold", engine=EngineConfig(backend="reference", batch_size=2), output_dir=run,
+                       data_path=shared_data / "mbpp" / "sanitized-mbpp.json", limit=5, n=2, k=(1, 2),
+                       progress=False)
+    rows = records.read_rows(run / "items")
+    assert summary.items == 5 and summary.samples == 10 and summary.metrics == {"pass@1": 1.0, "pass@2": 1.0}
+    assert len({(r["id"], r["sample_index"]) for r in rows}) == len(rows) == 10
+    assert all(r["correct"] and r["error_kind"] is None and r["model"] == "gold" for r in rows)
+    # committed by the scoring tasks, each part named by its keys (a retried task rewrites its own)
+    import pyarrow.parquet as pq
+
+    from raypost.generation.batches import _part_name
+
+    for part in records.part_files(run / "items"):
+        keys = [f"{r['id']}\x00{r['sample_index']}" for r in pq.read_table(part).to_pylist()]
+        assert part.name == _part_name(keys)
+    # a rerun reuses the generations and scores them again into the same rows
+    again = evaluate("mbpp", model="gold", engine=EngineConfig(backend="reference", batch_size=2), output_dir=run,
+                     data_path=shared_data / "mbpp" / "sanitized-mbpp.json", limit=5, n=2, k=(1, 2),
+                     progress=False)
+    assert again.metrics == summary.metrics
+    assert sorted(r["id"] for r in records.read_rows(run / "items")) == sorted(r["id"] for r in rows)
+
 
 @pytest.mark.slow
 def test_eval_stage_in_a_recipe_writes_runs_and_the_table(tmp_path, ray_local, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raypost import records
 from raypost.config import RecipeError
 from raypost.loop.config import LoopRecipe
 from raypost.loop.ledger import Caps, Ledger, Totals
@@ -197,8 +198,6 @@ def test_a_loop_spends_its_budget_round_by_round_and_reports(finished_loop, caps
     assert [r["trainer"] for r in rounds[1:]] == ["resident", "resident"]
     # the student's answers went through the generation stage: committed as Parquet parts, one
     # row per seed with its logprobs, and loss_self (computed on the workers) is their mean NLL
-    from raypost import records
-
     answers = records.read_rows(run_dir / "round_1" / "answers")
     pool_ids = {json.loads(line)["id"] for line in (run_dir / "pool.jsonl").read_text().splitlines()}
     assert sorted(a["id"] for a in answers) == sorted(pool_ids)
@@ -210,6 +209,14 @@ def test_a_loop_spends_its_budget_round_by_round_and_reports(finished_loop, caps
     picked = [k.split("/")[2] for k in keys if "/r1/" in k]
     assert min(scores["scores"][p] for p in picked) >= max(v for s, v in scores["scores"].items() if s not in picked)
     assert set(rounds[1]["per_group"]) == {"1", "2", "3", "4"} and rounds[1]["eval_items"] == 8
+    # so did its eval answers, each checked on the workers: the verdicts are those of the answers
+    from raypost.evaluation.scoring import score_gsm8k
+
+    evaluated = {r["id"]: r for r in records.read_rows(run_dir / "round_1" / "eval_answers")}
+    verdicts = [json.loads(line) for line in (run_dir / "round_1" / "eval_items.jsonl").read_text().splitlines()]
+    assert len(evaluated) == len(verdicts) == 8 and all(v["error"] is None for v in verdicts)
+    assert all(v["correct"] == score_gsm8k(evaluated[v["id"]]["response"], evaluated[v["id"]]["reference"]).correct
+               for v in verdicts)
     html = (run_dir / "report" / "index.html").read_text()
     assert "<svg" in html and "<script" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
     assert json.loads((run_dir / "report" / "report.json").read_text())["runs"]
@@ -328,6 +335,9 @@ def test_judge_vote_learnability_and_per_phase_engines_in_one_round(tiny_model, 
     assert record["judge_round"]["requests"] == 16 and record["teacher_total"]["tokens"] == ledger.totals().tokens
     # the seeds sent were the worst-graded (ties broken by id); no seed was unlearnable here
     assert record["unlearnable"] == 0 and len(kinds["answer"]) == 6
+    # the learnability samples went through the generation stage: 2 per seed, each once
+    sampled = records.read_rows(run_dir / "round_1" / "learnability")
+    assert sorted((r["id"], r["sample_index"]) for r in sampled) == sorted((g, i) for g in grades for i in range(2))
     picked = [e["seed_id"] for e in kinds["answer"]]
     assert max(grades[p] for p in picked) <= min(g for s, g in grades.items() if s not in picked)
     # votes: a problem is kept exactly when all 3 of the teacher's answers agree with its solution

@@ -130,6 +130,20 @@ def test_parquet_dir_and_bad_data_fails_before_workers(tmp_path, tiny_model):
     assert not (tmp_path / "out" / "ray").exists()
 
 
+def test_rows_from_parts_train_in_one_order_whatever_blocks_wrote_them(tmp_path):
+    """Ray Data workers commit a stage's rows in whatever blocks the run made: the same rows
+    split into other parts must reach the trainer in the same order."""
+    from raypost import records
+
+    rows = [{"id": f"q{i}", **row} for i, row in enumerate(rows_for("sft") * 3)]
+    records.write_part(tmp_path / "a", rows[:5])
+    records.write_part(tmp_path / "a", rows[5:])
+    for row in reversed(rows):
+        records.write_part(tmp_path / "b", [row])
+    first, second = load_training_rows(tmp_path / "a", "sft"), load_training_rows(tmp_path / "b", "sft")
+    assert len(first.rows) == 12 and first.rows == second.rows
+
+
 def test_cpu_precision_is_bf16_autocast_only_where_the_cpu_has_it(tmp_path):
     from raypost.training.methods import cpu_has_native_bf16, training_arguments, uses_cpu_bf16_autocast
 

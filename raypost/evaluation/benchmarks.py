@@ -62,6 +62,7 @@ class Benchmark:
     load: Callable[[Path, BenchmarkOptions], Loaded]
     prompts: Callable[[list[EvalItem], Path, BenchmarkOptions], tuple[list[P.Messages], list[str]]]
     score: Callable[[list[EvalItem], list[dict[str, Any]], BenchmarkOptions], list[Score]]
+    runs_code: bool = False            # scoring runs programs in the sandbox: a CPU per scoring task
     notes: list[str] = field(default_factory=list)
 
 
@@ -227,9 +228,11 @@ BENCHMARKS: dict[str, Benchmark] = {
     # the procedural testbed (raypost data synth arith): GSM8K's format, scored like it, per level
     "arith": Benchmark("arith", "arith/test.jsonl", 0, 256,
                        lambda path, options: load_gsm8k(path), _testbed_prompts, _gsm8k_score),
-    "mbpp": Benchmark("mbpp", "mbpp/sanitized-mbpp.json", 3, 512, _mbpp_load, _mbpp_prompts, _mbpp_score),
+    "mbpp": Benchmark("mbpp", "mbpp/sanitized-mbpp.json", 3, 512, _mbpp_load, _mbpp_prompts, _mbpp_score,
+                      runs_code=True),
     "humaneval": Benchmark("humaneval", "humaneval/HumanEval.jsonl.gz", 0, 512,
-                           lambda path, options: load_humaneval(path), _humaneval_prompts, _humaneval_score),
+                           lambda path, options: load_humaneval(path), _humaneval_prompts, _humaneval_score,
+                           runs_code=True),
     "mmlu_math": Benchmark("mmlu_math", "mmlu", 5, 256, _mmlu_load, _mmlu_prompts, _mmlu_score),
 }
 

@@ -29,12 +29,11 @@ from typing import Any, Sequence
 from raypost import records
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.evaluation.benchmarks import BenchmarkOptions, default_data_path, get_benchmark
+from raypost.evaluation.items import GENERATED_COLUMNS, ITEM_SCHEMA, item_row, score_block, task_table
 from raypost.evaluation.loaders import EvalItem
 from raypost.evaluation.scoring import Score, pass_at_k
+from raypost.generation.batches import LIGHT_CPUS
 from raypost.records import DataError
-
-ITEM_COLUMNS = ("benchmark", "id", "subject", "sample_index", "prompt", "messages", "response", "extracted",
-                "reference", "correct", "error_kind", "finish_reason", "completion_tokens", "model")
 
 
 @dataclass
@@ -173,22 +172,18 @@ def evaluate(
                           rejected_items=len(loaded.rejected))
     generation_started = time.perf_counter()
     if method == "loglik":
-        rows, failed = _loglik_rows(items, prompts, model, engine, resources, cache_dir)
+        generated, failed = _loglik_rows(items, prompts, model, engine, resources, cache_dir)
         summary.engine = "transformers (log-likelihood)"
     else:
-        rows, failed, summary.engine = _generate_rows(items, prompts, model, engine, sampling, resources, cache_dir,
-                                                      output_dir, data_path,
-                                                      progress and f"eval {benchmark} [{model_label or model}]",
-                                                      engine_actor)
+        generated, failed, summary.engine = _generate_rows(items, prompts, model, engine, sampling, resources,
+                                                           cache_dir, output_dir, data_path,
+                                                           progress and f"eval {benchmark} [{model_label or model}]",
+                                                           engine_actor)
     summary.generation_seconds = time.perf_counter() - generation_started
     summary.items_per_second = len(items) / max(summary.generation_seconds, 1e-9)
 
-    scores = bench.score(items, rows, options) if rows else []
-    item_rows = _item_rows(benchmark, items, prompts, rows, scores, failed, n, model_label or model)
-    shutil.rmtree(output_dir / "items", ignore_errors=True)
-    records.write_part(output_dir / "items", item_rows)
-
-    _fill_metrics(summary, items, item_rows, n, ks)
+    verdicts = _score(generated, bench, options, items, prompts, failed, n, model_label or model, output_dir)
+    _fill_metrics(summary, items, verdicts, n, ks)
     if n > 1 and sampling.temperature == 0:
         summary.notes.append("n > 1 with temperature 0: samples are (near) identical; pass@k > 1 means little")
     summary.seconds = time.perf_counter() - started
@@ -212,6 +207,10 @@ def _check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
 
 def _generate_rows(items, prompts, model, engine, sampling, resources, cache_dir, output_dir, data_path, progress,
                    engine_actor=None):
+    """The generation stage over the items' prompts; the rows stay in its parts, read by Ray Data
+    where they are scored."""
+    import ray
+
     from raypost.generation.pipeline import generate
 
     prompt_rows = [{"id": i.id, "messages": m, "reference": i.reference} for i, m in zip(items, prompts)]
@@ -219,16 +218,18 @@ def _generate_rows(items, prompts, model, engine, sampling, resources, cache_dir
     result = generate(prompt_rows, model=model, output_dir=generations, engine=engine, sampling=sampling,
                       resources=resources, cache_dir=cache_dir, source=str(data_path), progress=progress,
                       engine_actor=engine_actor)
-    wanted = {i.id for i in items}
-    rows = [r for r in records.read_rows(generations)
-            if r["id"] in wanted and r["sample_index"] < sampling.n and r.get("response") is not None]
+    parts = [str(p) for p in records.part_files(generations)]
+    generated = ray.data.read_parquet(parts).select_columns(GENERATED_COLUMNS) if parts else None
     failed = {}
     for r in records.read_rows(generations / "rejected"):
         failed.setdefault(r["id"], r["reason"])
-    return rows, failed, result.engine
+    return generated, failed, result.engine
 
 
 def _loglik_rows(items, prompts, model, engine, resources, cache_dir):
+    import pyarrow as pa
+    import ray
+
     from raypost.evaluation.loglik import score_loglik
     from raypost.models import resolve_model
 
@@ -239,36 +240,32 @@ def _loglik_rows(items, prompts, model, engine, resources, cache_dir):
     rows = [{"id": s["id"], "sample_index": 0, "response": s["response"], "finish_reason": "loglik",
              "completion_tokens": 0} for s in scored if not s["error"]]
     failed = {s["id"]: s["error"] for s in scored if s["error"]}
-    return rows, failed
+    return (ray.data.from_arrow(pa.Table.from_pylist(rows)) if rows else None), failed
 
 
-def _item_rows(benchmark, items, prompts, rows, scores, failed, n, model) -> list[dict[str, Any]]:
-    by_key = {(r["id"], int(r["sample_index"])): (r, s) for r, s in zip(rows, scores)}
-    out = []
-    for item, messages in zip(items, prompts):
-        for sample in range(n):
-            row, score = by_key.get((item.id, sample), (None, None))
-            if score is None:
-                # the engine produced nothing for this sample: it counts as wrong, with the reason
-                score = Score(None, False, "generation_error")
-            out.append({
-                "benchmark": benchmark,
-                "id": item.id,
-                "subject": item.subject,
-                "sample_index": sample,
-                "prompt": messages[-1]["content"],
-                "messages": json.dumps(messages, ensure_ascii=False),
-                "response": None if row is None else row["response"],
-                "extracted": score.extracted,
-                "reference": item.reference,
-                "correct": bool(score.correct),
-                "error_kind": score.error_kind,
-                "finish_reason": row.get("finish_reason") if row is not None
-                else (f"error: {failed[item.id]}"[:500] if item.id in failed else None),
-                "completion_tokens": None if row is None else row.get("completion_tokens"),
-                "model": model,
-            })
-    return out
+def _score(generated, bench, options, items, prompts, failed, n, model, output_dir: Path) -> list[dict[str, Any]]:
+    """Score on the workers (raypost.evaluation.items), which commit the item rows; the driver
+    adds a row for each sample the engine could not produce (counted as wrong, with the reason)
+    and returns (id, sample_index, correct, error_kind) per sample."""
+    import ray
+
+    items_dir = output_dir / "items"
+    shutil.rmtree(items_dir, ignore_errors=True)
+    tasks = task_table(items, prompts)
+    verdicts: list[dict[str, Any]] = []
+    if generated is not None:
+        scored = generated.map_batches(
+            score_block, batch_format="pyarrow", batch_size=None, num_cpus=1 if bench.runs_code else LIGHT_CPUS,
+            fn_kwargs=dict(tasks=[ray.put(tasks)], benchmark=bench.name, options=asdict(options), n=n, model=model,
+                           items_dir=str(items_dir)))
+        verdicts = [row for block in ray.get(scored.to_arrow_refs()) for row in block.to_pylist()]
+    done = {(v["id"], v["sample_index"]) for v in verdicts}
+    missing = [item_row(task, sample, None, Score(None, False, "generation_error"), benchmark=bench.name, model=model,
+                        failure=failed.get(task["id"]))
+               for task in tasks.to_pylist() for sample in range(n) if (task["id"], sample) not in done]
+    if missing:
+        records.write_part(items_dir, missing, ITEM_SCHEMA)
+    return verdicts + [{k: r[k] for k in ("id", "sample_index", "correct", "error_kind")} for r in missing]
 
 
 def item_pass_at_k(item_rows: list[dict[str, Any]], k: int) -> dict[str, float]:

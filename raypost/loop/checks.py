@@ -16,6 +16,8 @@ import difflib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+import pyarrow as pa
+
 
 def _normalized(text: str) -> str:
     from raypost.curation.dedup import normalize_text
@@ -78,5 +80,19 @@ def check_of(item: dict[str, Any]):
     return CHECKS[item.get("kind") or "math"]
 
 
-def correct(item: dict[str, Any], text: str) -> bool:
+def correct_of(item: dict[str, Any], text: str) -> bool:
     return check_of(item).check_many(item, [text])[0]
+
+
+VERDICT_SCHEMA = pa.schema([("id", pa.string()), ("correct", pa.bool_())])
+
+
+def verdicts(table: pa.Table, *, items: list) -> pa.Table:
+    """Generation rows of loop items in, (id, correct) out: a Ray Data map on the workers, where
+    a code item's answers run in the sandbox. `items`: [{id: item} or its object ref]."""
+    import ray
+
+    by_id = ray.get(items[0]) if isinstance(items[0], ray.ObjectRef) else items[0]
+    ids, texts = table.column("id").to_pylist(), table.column("response").to_pylist()
+    correct = [bool(correct_of(by_id[i], t or "")) for i, t in zip(ids, texts)]
+    return pa.table({"id": pa.array(ids, pa.string()), "correct": pa.array(correct, pa.bool_())}, schema=VERDICT_SCHEMA)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,7 @@ class LoopController:
         self.ledger = Ledger(self.run_dir / "ledger.jsonl", budget.price_per_1k_tokens if budget else 0.0)
         self.pool = self._pool()
         self.eval_items = self._eval_items()
+        _write_jsonl(self.run_dir / "eval.jsonl", self.eval_items)   # what the workers read to answer it
         self.base_model = str(resolve_model(self.recipe.model("student"), self.recipe.cache_dir))
         self.tracker = RoundTracker(self.config.tracking, self.run_dir, self.recipe.name)
         self.log(f"loop {self.recipe.name}: {len(self.pool)} seeds, {len(self.eval_items)} eval items, "
@@ -426,29 +428,33 @@ class LoopController:
         requests = [Request(id=item["id"], messages=messages(item), reference=item.get("answer")) for item in items]
         return ray.get(actor.generate.remote(requests, sampling))
 
-    def _pool_answers(self, round_index: int, model: str, sampling: SamplingConfig, keep_text: bool) -> dict[str, dict]:
-        """The student's answers to the pool through the generation stage, like any teacher run:
-        Ray Data reads pool.jsonl on the workers, the running student answers, every batch is
-        committed as a Parquet part under round_N/answers (a round killed while scoring resumes
-        from what is committed), and a map over the parts sends the driver only (id, correct,
-        signal) per seed: the answers' logprobs stay where they were read."""
+    def _student_answers(self, source: Path, output: Path, model: str, sampling: SamplingConfig,
+                         light, **kwargs) -> list[dict]:
+        """The running student answers the loop items of `source` (a JSONL in the run dir) through
+        the generation stage, like any teacher run: Ray Data reads the file on the workers, every
+        batch is committed as a Parquet part under `output` (a round killed mid-phase resumes from
+        what is committed), and `light`, a map over the parts, sends the driver a few values per
+        answer: the answers and their logprobs stay where they were read."""
         import ray
 
         from raypost.generation.pipeline import generate_files
 
-        output = self.round_dir(round_index) / "answers"
         fmt = records.PromptFormat(prompt_field="question", id_field="id", reference_field="answer",
                                    system_prompt=self.config.pool.system_prompt)
-        generate_files(str(self.run_dir / "pool.jsonl"), fmt, model=model, output_dir=output,
-                       engine=self.config.student.engine, sampling=sampling, cache_dir=self.recipe.cache_dir,
-                       progress=False, engine_actor=lambda _: self.student)
+        generate_files(str(source), fmt, model=model, output_dir=output, engine=self.config.student.engine,
+                       sampling=sampling, cache_dir=self.recipe.cache_dir, progress=False,
+                       engine_actor=lambda _: self.student)
         parts = [str(p) for p in records.part_files(output)]
         if not parts:
-            return {}
-        light = ray.data.read_parquet(parts).map_batches(
-            answer_signals, batch_format="pyarrow", fn_kwargs=dict(
-                strategy=self.config.selection.strategy, reduce=self.config.selection.reduce, keep_text=keep_text))
-        return {row["id"]: row for row in light.iter_rows()}
+            return []
+        return ray.data.read_parquet(parts).map_batches(light, batch_format="pyarrow", fn_kwargs=kwargs).take_all()
+
+    def _pool_answers(self, round_index: int, model: str, sampling: SamplingConfig, keep_text: bool) -> dict[str, dict]:
+        """(id, correct, signal) per seed, from the student's answers under round_N/answers."""
+        rows = self._student_answers(self.run_dir / "pool.jsonl", self.round_dir(round_index) / "answers", model,
+                                     sampling, answer_signals, strategy=self.config.selection.strategy,
+                                     reduce=self.config.selection.reduce, keep_text=keep_text)
+        return {row["id"]: row for row in rows}
 
     # --- phases ------------------------------------------------------------------------------
 
@@ -491,7 +497,7 @@ class LoopController:
         if strategy == "judge":
             self._judge(round_index, scored)
         if selection.learnability:
-            self._learnability(round_index, scored)
+            self._learnability(round_index, model, scored)
         embeddings = self._pool_embeddings() if strategy == "kcenter" else None
         seed = self.config.seed * 1000 + round_index
         values = score_items(scored, strategy, selection.reduce, seed=seed, embeddings=embeddings,
@@ -548,19 +554,21 @@ class LoopController:
         self.ledger.record([paid_entry(request.id, round_index, seed_id, answer, kind=kind)
                             for (request, seed_id), answer in zip(batch, answers)])
 
-    def _learnability(self, round_index: int, scored: list[Scored]) -> None:
+    def _learnability(self, round_index: int, model: str, scored: list[Scored]) -> None:
         """The student samples each seed a few times; `skip` decides which verdicts make it wait."""
         config = self.config.selection.learnability
         sampling = self.config.student.sampling.model_copy(update={
             "temperature": config.temperature, "n": config.samples, "logprobs": None,
             "seed": self.config.seed * 1000 + round_index})
-        answers = self._answer(self.student, self.pool, lambda i: self._messages(i["question"]), sampling)
-        for item, score, answer in zip(self.pool, scored, answers):
-            if isinstance(answer, str):
+        answers = self._student_answers(self.run_dir / "pool.jsonl", self.round_dir(round_index) / "learnability",
+                                        model, sampling, answer_signals, strategy="none",
+                                        reduce="mean", keep_text=False)
+        samples, solved = Counter(a["id"] for a in answers), Counter(a["id"] for a in answers if a["correct"])
+        for item, score in zip(self.pool, scored):
+            if not samples[item["id"]]:   # the student could not answer it (a rejected row)
                 continue
-            solved = sum(bool(is_correct(c.text, item["answer"])) for c in answer)
-            too_easy = solved == len(answer) and config.skip in ("both", "solved")
-            too_hard = solved == 0 and config.skip in ("both", "unsolved")
+            too_easy = solved[item["id"]] == samples[item["id"]] and config.skip in ("both", "solved")
+            too_hard = solved[item["id"]] == 0 and config.skip in ("both", "unsolved")
             score.learnable = not (too_easy or too_hard)
 
     def _pool_embeddings(self):
@@ -797,17 +805,21 @@ class LoopController:
         done = _read_json(path)
         if done is not None:
             return done
+        import ray
+
         started, starts = time.perf_counter(), self.engine_start_s
         sync = self._use_student(model)
         sampling = self.config.student.sampling.model_copy(update={
             "temperature": 0.0, "n": 1, "max_tokens": self.config.eval.max_tokens, "logprobs": None})
-        answers = self._answer(self.student, self.eval_items, lambda i: self._messages(i["question"]), sampling)
+        output = self.round_dir(round_index) / "eval_answers"
+        verdicts = {v["id"]: v["correct"] for v in self._student_answers(
+            self.run_dir / "eval.jsonl", output, model, sampling, checks.verdicts,
+            items=[ray.put({item["id"]: item for item in self.eval_items})])}
         faults.maybe_kill(self.run_dir, "eval", round_index)
-        per_item = []
-        for item, answer in zip(self.eval_items, answers):
-            text = answer[0].text if isinstance(answer, list) else ""
-            per_item.append({"id": item["id"], "group": item["group"], "correct": checks.correct(item, text),
-                             "error": answer if isinstance(answer, str) else None})
+        failed = {r["id"]: r["reason"] for r in records.read_rows(output / "rejected")}
+        per_item = [{"id": item["id"], "group": item["group"], "correct": bool(verdicts.get(item["id"], False)),
+                     "error": None if item["id"] in verdicts else failed.get(item["id"], "no answer")}
+                    for item in self.eval_items]
         _write_jsonl(self.round_dir(round_index) / "eval_items.jsonl", per_item)
         result = {"items": len(per_item), "correct": sum(i["correct"] for i in per_item), "groups": {},
                   "failed": sum(1 for i in per_item if i["error"]), "sync": sync,

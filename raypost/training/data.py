@@ -11,6 +11,7 @@ the file and column; a single malformed row is set aside with its location and r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,13 @@ def _normalize(row: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _row_order(entry: tuple[str, dict[str, Any] | Exception]) -> tuple[int, str, str]:
+    where, row = entry
+    if isinstance(row, Exception):
+        return 1, where, ""
+    return 0, str(row.get("id", "")), json.dumps(row, sort_keys=True, default=str)
+
+
 def resolve_dataset_path(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
@@ -99,6 +107,10 @@ def load_training_rows(path: str | Path, method: str) -> TrainingRows:
     """Read and validate a training set for `method`. Raises DatasetError for whole-set problems."""
     p = resolve_dataset_path(path)
     raw: list[tuple[str, dict[str, Any] | Exception]] = list(iter_source_rows(p))
+    if p.is_dir() and any(p.glob("*.parquet")):
+        # parts written by Ray Data workers hold rows in whatever blocks the run made: train in one
+        # order fixed by the rows themselves, so that a rerun on the same set is the same run
+        raw.sort(key=_row_order)
     if not raw:
         raise DatasetError(f"{p}: empty training set (no rows)")
     parsed = [row for _, row in raw if isinstance(row, dict)]
