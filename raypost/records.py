@@ -204,6 +204,9 @@ def write_rejected(directory: str | os.PathLike, rejected: Iterable[Rejected]) -
         for r in rejected
     ]
     write_part(directory, rows, schema.REJECTED_SCHEMA)
+    from raypost import metrics
+
+    metrics.count(str(directory), len(rows), rejected=True)
     return len(rows)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from raypost import records, schema
+from raypost import metrics, records, schema
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.generation.pipeline import generate, generate_files
 from raypost.records import DataError, PromptFormat
@@ -166,6 +166,41 @@ def test_prompt_files_are_read_on_the_workers_and_resume_by_key(tmp_path, ray_lo
     assert sorted((r["id"], r["sample_index"]) for r in rows) == sorted((f"id{i}", k) for i in range(10) for k in range(3))
     assert again.rows_written == 10 and again.rows_skipped == 20
     assert len(records.read_rows(out / "rejected")) == 3   # set aside again under the same names, not twice
+
+
+def exported_metrics(ray) -> str:
+    """What Ray's metrics agent on this node exports (Prometheus text), as a dashboard scrapes it."""
+    import urllib.request
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def test_rows_committed_and_rejected_reach_rays_metrics_beside_ray_datas_own(tmp_path, ray_local):
+    """Where a run is watched on a cluster: the workers count what they commit and set aside as
+    Ray metrics tagged with the output, and Ray Data's own per-operator metrics carry the run's
+    name. Metrics are exported every few seconds: wait for them, up to two minutes."""
+    shards = tmp_path / "shards"
+    write_jsonl(shards / "a.jsonl", [*questions(0, 6), "{not json", {"qid": "idx", "answer": "1"}])
+    out = tmp_path / "gen"
+    summary = generate_shards(shards, out, 2)
+    assert summary.rows_written == 12 and summary.rows_rejected == 2
+
+    def total(text: str, name: str, output: Path) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") and f'output="{output}"' in line)
+
+    name = metrics.dataset_name("generate", str(out))
+    deadline, seen = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        text = exported_metrics(ray_local)
+        seen = (total(text, "ray_raypost_rows_committed_total", out),
+                total(text, "ray_raypost_rows_rejected_total", out / "rejected"),
+                any(line.startswith("ray_data_") and f'dataset="{name}' in line for line in text.splitlines()))
+        if seen == (12.0, 2.0, True):
+            break
+        time.sleep(2)
+    assert seen == (12.0, 2.0, True)
 
 
 def test_a_resume_past_the_broadcast_limit_subtracts_by_a_hash_join(tmp_path, ray_local, monkeypatch):

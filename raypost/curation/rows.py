@@ -96,7 +96,7 @@ def commit_rejected(batch: pa.Table, *, directory: str, step: str, reason: Calla
                     "source": f"curate:{step}", "reason": why})
         keys.append(f"curate:{step}\x00{key}\x00{why}\x00{len(keys)}")
     if out:
-        commit_part(directory, pa.Table.from_pylist(out, schema=schema.REJECTED_SCHEMA), keys)
+        commit_part(directory, pa.Table.from_pylist(out, schema=schema.REJECTED_SCHEMA), keys, rejected=True)
     return pa.table({"rows": [len(out)]}, schema=COUNT_SCHEMA)
 
 
@@ -120,8 +120,10 @@ def part_keys(batch: pa.Table) -> list[str]:
 
 def write_dataset(dataset, directory: str | Path) -> int:
     """Every row of `dataset` committed to `directory` by the workers; returns the row count."""
-    return total(dataset.map_batches(commit_rows, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
-                                     fn_kwargs=dict(directory=str(directory))))
+    from raypost import metrics
+
+    return total(metrics.named(dataset.map_batches(commit_rows, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                                                   fn_kwargs=dict(directory=str(directory))), "write", str(directory)))
 
 
 def total(counts, column: str = "rows") -> int:

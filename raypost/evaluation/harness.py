@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from raypost import records
+from raypost import metrics, records
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.evaluation.benchmarks import BenchmarkOptions, default_data_path, get_benchmark
 from raypost.evaluation.items import GENERATED_COLUMNS, ITEM_SCHEMA, item_row, score_block, task_table
@@ -258,6 +258,7 @@ def _score(generated, bench, options, items, prompts, failed, n, model, output_d
             score_block, batch_format="pyarrow", batch_size=None, num_cpus=1 if bench.runs_code else LIGHT_CPUS,
             fn_kwargs=dict(tasks=[ray.put(tasks)], benchmark=bench.name, options=asdict(options), n=n, model=model,
                            items_dir=str(items_dir)))
+        metrics.named(scored, "eval", str(items_dir))
         verdicts = [row for block in ray.get(scored.to_arrow_refs()) for row in block.to_pylist()]
     done = {(v["id"], v["sample_index"]) for v in verdicts}
     missing = [item_row(task, sample, None, Score(None, False, "generation_error"), benchmark=bench.name, model=model,

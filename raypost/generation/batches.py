@@ -36,8 +36,11 @@ def _part_name(keys: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
-def commit_part(directory: str | os.PathLike, table: pa.Table, keys: list[str]) -> Path | None:
-    """Write `table` as the part named by its keys, atomically (temp file, then rename)."""
+def commit_part(directory: str | os.PathLike, table: pa.Table, keys: list[str], *, rejected: bool = False) -> Path | None:
+    """Write `table` as the part named by its keys, atomically (temp file, then rename), and count
+    its rows in the Ray metrics of `directory` (raypost.metrics; `rejected`: set-aside rows)."""
+    from raypost import metrics
+
     if table.num_rows == 0:
         return None
     directory = Path(directory)
@@ -46,6 +49,7 @@ def commit_part(directory: str | os.PathLike, table: pa.Table, keys: list[str]) 
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+    metrics.count(str(directory), table.num_rows, rejected=rejected)
     return path
 
 
@@ -53,7 +57,7 @@ def reject(rejected_dir: str, rows: list[dict[str, Any]]) -> int:
     """rows: {id, row (JSON text), source, reason}."""
     if rows:
         table = pa.Table.from_pylist(rows, schema=schema.REJECTED_SCHEMA)
-        commit_part(rejected_dir, table, [f"{r['source']}\x00{r['id']}\x00{r['reason']}" for r in rows])
+        commit_part(rejected_dir, table, [f"{r['source']}\x00{r['id']}\x00{r['reason']}" for r in rows], rejected=True)
     return len(rows)
 
 

@@ -317,7 +317,9 @@ def _finish(summary: GenerationSummary, started: float, started_wall: float) -> 
 def _drain(stats, total: int | None, summary: GenerationSummary, progress: bool | str, started: float) -> None:
     """Counts from the workers, one small row per committed part: the rows themselves stay there.
     `progress`: False, True (a bar labelled `generate`) or the bar's label."""
-    from raypost import console
+    from raypost import console, metrics
+
+    metrics.named(stats, "generate", summary.output_dir)
 
     label = progress if isinstance(progress, str) else "generate"
 
