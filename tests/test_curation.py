@@ -473,6 +473,42 @@ def test_curate_sets_aside_bad_rows_with_their_reason(ray_local, tmp_path):
     assert json.loads((tmp_path / "cur" / "report.json").read_text())["rows_out"] == 2
 
 
+def test_curate_reads_row_files_on_the_workers_and_sets_unreadable_lines_aside_with_file_and_line(ray_local, tmp_path):
+    """JSONL shards named by a glob: typed like the generation schema (a column outside it keeps
+    the type its values have), and a line that is not JSON or whose values do not fit sets
+    itself aside with its file and line, as a row no step can use does; the rest is curated."""
+    from raypost.curation import curate, load_rows
+    from raypost.curation.config import VerifyStep, WriteStep
+    from raypost.records import DataError
+
+    good = [prompt_row(f"p-{i}", f"What is {i} + {i}?", reference=f"#### {2 * i}", response=f"#### {2 * i}",
+                       sample_index=0, **({"level": i} if i % 2 else {})) for i in range(6)]
+    first = tmp_path / "in" / "a.jsonl"
+    first.parent.mkdir()
+    first.write_text("".join(json.dumps(r) + "\n" for r in good[:3]) + "{not json\n")
+    second = tmp_path / "in" / "b.jsonl"
+    second.write_text("".join(json.dumps(r) + "\n" for r in good[3:])
+                      + json.dumps(prompt_row("p-9", "What is 9 + 9?", sample_index="first")) + "\n"
+                      + json.dumps({"id": "p-10", "messages": []}) + "\n")
+    dataset, unreadable = load_rows(str(tmp_path / "in" / "*.jsonl"))
+    assert unreadable == []
+    summary = curate(dataset, [VerifyStep(step="verify"), WriteStep(step="write")], output_dir=tmp_path / "cur")
+    rejected = {r["source"]: r for r in records.read_rows(tmp_path / "cur" / "rejected")}
+    assert set(rejected) == {f"{first}:4", f"{second}:4", f"{second}:5"}
+    assert rejected[f"{first}:4"]["reason"].startswith("invalid JSON")
+    assert rejected[f"{second}:4"]["reason"].startswith("a value does not fit its column's type")
+    assert json.loads(rejected[f"{second}:4"]["row"])["sample_index"] == "first"
+    assert rejected[f"{second}:5"]["reason"] == "missing messages"
+    assert summary["rows_out"] == 6 and summary["rejected_by_step"]["input"] == 3
+    rows = {r["id"]: r for r in records.read_rows(tmp_path / "cur")}
+    assert {i: r["level"] for i, r in rows.items()} == {f"p-{i}": (i if i % 2 else None) for i in range(6)}
+    assert all(r["verified"] for r in rows.values()) and "_source" not in next(iter(rows.values()))
+    for missing, message in ((tmp_path / "none.jsonl", "no such file or directory"),
+                             (tmp_path / "in" / "*.parquet", "the pattern matches no file")):
+        with pytest.raises(DataError, match=message):
+            load_rows(str(missing))
+
+
 def test_curate_rows_are_committed_by_the_workers_each_once_and_a_rerun_gives_the_same_rows(ray_local, tmp_path):
     """Curated rows, rejected rows and training sets are written by the workers, a part per block
     and step: every row is in exactly one part, and a second run into the same directory gives

@@ -22,6 +22,7 @@ import pyarrow as pa
 from raypost import records, schema
 from raypost.config import Resources
 from raypost.curation import config as cfg
+from raypost.curation.inputs import RAW, SOURCE, UNREADABLE
 from raypost.curation.rows import LIGHT_CPUS, CurationLog, write_dataset
 
 OUTPUT_SUBDIRS = ("rejected", "sft", "kto", "preference")
@@ -47,15 +48,19 @@ def validate(dataset, log: CurationLog):
     import pyarrow.compute as pc
 
     def flag(batch: pa.Table) -> pa.Table:
-        problems = [row_problem(r) for r in batch.to_pylist()]
-        return batch.append_column("_problem", pa.array(problems, type=pa.string()))
+        # rows of input files that could not be read arrive marked (raypost.curation.inputs)
+        unreadable = batch.column(UNREADABLE).to_pylist() if UNREADABLE in batch.column_names else None
+        problems = [(unreadable and unreadable[i]) or row_problem(r) for i, r in enumerate(batch.to_pylist())]
+        batch = batch.append_column("_problem", pa.array(problems, type=pa.string()))
+        return batch.drop_columns([UNREADABLE]) if unreadable is not None else batch
 
     flagged = dataset.map_batches(flag, batch_format="pyarrow", num_cpus=LIGHT_CPUS).materialize()
     bad = flagged.map_batches(lambda b: b.filter(pc.is_valid(b.column("_problem"))), batch_format="pyarrow",
                               num_cpus=LIGHT_CPUS)
     rejected = log.reject_rows("input", bad, lambda row: row.pop("_problem"))
-    good = flagged.map_batches(lambda b: b.filter(pc.is_null(b.column("_problem"))).drop_columns(["_problem"]),
-                               batch_format="pyarrow", num_cpus=LIGHT_CPUS).materialize()
+    good = flagged.map_batches(lambda b: b.filter(pc.is_null(b.column("_problem"))).drop_columns(
+        [c for c in ("_problem", SOURCE, RAW) if c in b.column_names]), batch_format="pyarrow",
+                               num_cpus=LIGHT_CPUS).materialize()
     log.report("input", {"rows_in": flagged.count(), "rows_rejected": rejected})
     return good
 
@@ -208,21 +213,10 @@ def curate(dataset, steps: Sequence[Any], *, output_dir: str | Path, model_refer
 
 
 def load_rows(path: str | Path) -> tuple[Any, list[records.Rejected]]:
-    """Rows for curation from a stage directory, a Parquet file or a JSONL/JSON file (schema columns).
+    """Rows for curation from a stage directory or row files (JSONL, JSON, Parquet, Arrow; paths,
+    directories, globs, URIs), read on the workers (raypost.curation.inputs). Lines that cannot
+    be read travel with the rows, marked, and `validate` sets them aside with their file:line;
+    the list is for rows set aside before (kept for callers that pass their own)."""
+    from raypost.curation.inputs import read_input
 
-    Returns the Dataset and the lines that could not be parsed (with file:line).
-    """
-    from raypost.curation.rows import dataset_from_rows, read_stage
-
-    path = Path(path)
-    if path.is_dir():
-        return read_stage(path), []
-    rows, bad = [], []
-    for location, row in records.iter_source_rows(path):
-        if isinstance(row, Exception):
-            bad.append(records.Rejected(None, {}, location, str(row)))
-        else:
-            rows.append(row)
-    if not rows:
-        raise records.DataError(f"{path}: no readable rows")
-    return dataset_from_rows(rows), bad
+    return read_input(path), []

@@ -91,10 +91,13 @@ def commit_rejected(batch: pa.Table, *, directory: str, step: str, reason: Calla
         # the sample is part of the key: one id's samples may be set aside for the same reason
         key = _row_key(row)
         why = reason(row)
+        # a row of an input file that could not be read: its location and its text as they were
+        source, text = row.pop("_source", None), row.pop("_raw", None)
         out.append({"id": None if row.get(schema.ID) is None else str(row[schema.ID]),
-                    "row": json.dumps(_without_logprobs(row), default=str, ensure_ascii=False),
-                    "source": f"curate:{step}", "reason": why})
-        keys.append(f"curate:{step}\x00{key}\x00{why}\x00{len(keys)}")
+                    "row": text or json.dumps({k: v for k, v in _without_logprobs(row).items() if v is not None}
+                                              if source else _without_logprobs(row), default=str, ensure_ascii=False),
+                    "source": source or f"curate:{step}", "reason": why})
+        keys.append(f"curate:{step}\x00{source}\x00{key}\x00{why}\x00{len(keys)}")
     if out:
         commit_part(directory, pa.Table.from_pylist(out, schema=schema.REJECTED_SCHEMA), keys, rejected=True)
     return pa.table({"rows": [len(out)]}, schema=COUNT_SCHEMA)

@@ -94,5 +94,7 @@ def verdicts(table: pa.Table, *, items: list) -> pa.Table:
 
     by_id = ray.get(items[0]) if isinstance(items[0], ray.ObjectRef) else items[0]
     ids, texts = table.column("id").to_pylist(), table.column("response").to_pylist()
-    correct = [bool(correct_of(by_id[i], t or "")) for i, t in zip(ids, texts)]
+    # a code item's answer runs in its own sandbox process: the block's answers run side by side
+    with ThreadPoolExecutor(max_workers=CodeCheck.workers) as pool:
+        correct = list(pool.map(lambda pair: bool(correct_of(by_id[pair[0]], pair[1] or "")), zip(ids, texts)))
     return pa.table({"id": pa.array(ids, pa.string()), "correct": pa.array(correct, pa.bool_())}, schema=VERDICT_SCHEMA)
