@@ -129,6 +129,8 @@ class Recipe(RecipeFile):
                         problems.append(f"{where}: stage {ref.stage!r} is a {kind} stage and exports no model "
                                         f"(only {sorted(MODEL_STAGES)} stages do)")
                 elif ref.path is not None and ref.field.split(".")[-1] in OUTPUT_FIELDS:
+                    if "://" in ref.path or any(c in ref.path for c in "*?["):
+                        continue   # a URI or glob: its stage's own field checked that it matches
                     if not resolve_data_path(ref.path, recipe_path).exists():
                         problems.append(f"{where}: {ref.path!r} is neither an earlier stage ({earlier}) nor a "
                                         "path (looked in the working directory and beside the recipe)")

@@ -637,6 +637,20 @@ def test_curate_input_path_is_found_beside_the_recipe(ray_local, tmp_path, monke
     summaries = run_recipe(load_recipe(project / "recipe.yaml"))
     assert summaries["cur"]["rows_out"] == 4
 
+    # a glob of row files beside the recipe, read by Ray Data; one that matches nothing fails at load
+    shards = project / "shards"
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"{i}.jsonl").write_text(json.dumps(prompt_row(f"s-{i}", f"What is {i} + 1?", reference=f"#### {i + 1}",
+                                                                 response=f"#### {i + 1}")) + "\n")
+    recipe["stages"][0]["input"] = "shards/*.jsonl"
+    (project / "glob.yaml").write_text(yaml.safe_dump(recipe))
+    assert run_recipe(load_recipe(project / "glob.yaml"))["cur"]["rows_out"] == 2
+    recipe["stages"][0]["input"] = "shards/*.parquet"
+    (project / "none.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"shards/\*\.parquet: the pattern matches no file"):
+        load_recipe(project / "none.yaml")
+
     recipe["stages"][0]["input"] = "answer"
     (project / "typo.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeError, match=r"typo.yaml: stages\[0\].input: 'answer' is neither an earlier stage "

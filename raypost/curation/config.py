@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from raypost.config import EngineConfig, Resources, SamplingConfig, StrictModel
 from raypost.schema import ROUTING_SIGNALS
@@ -120,6 +120,11 @@ class WriteStep(StrictModel):
     kto_from: Literal["auto", "select", "verified"] = "auto"
 
 
+def is_pattern(value: str) -> bool:
+    """A URI or a glob: read as files by Ray Data, not looked up as a stage or a path."""
+    return "://" in value or any(c in value for c in "*?[")
+
+
 CurationStep = Annotated[Union[DedupStep, DiversityStep, VerifyStep, EntropyRouteStep, SelectStep, WriteStep],
                          Field(discriminator="step")]
 
@@ -127,6 +132,16 @@ CurationStep = Annotated[Union[DedupStep, DiversityStep, VerifyStep, EntropyRout
 class CurateStage(StrictModel):
     kind: Literal["curate"]
     name: str = "curate"
-    input: str = Field(description="an earlier stage's name (its Parquet output), or a directory/file of rows")
+    input: str = Field(description="an earlier stage's name (its Parquet output), or rows: a file, a directory, "
+                                   "a glob or a URI (s3://, gs://, any pyarrow/fsspec filesystem)")
     steps: list[CurationStep] = Field(min_length=1)
     resources: Resources | None = Field(None, description="default: the recipe's resources")
+
+    @field_validator("input")
+    @classmethod
+    def _pattern_matches(cls, value: str, info: ValidationInfo) -> str:
+        """A URI or glob must match something when the recipe loads (a stage name or a path is
+        checked with the recipe's other references)."""
+        from raypost.generation.config import _existing_pattern
+
+        return _existing_pattern(value, info) if is_pattern(value) else value

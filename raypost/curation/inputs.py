@@ -27,7 +27,7 @@ from raypost.generation.batches import LIGHT_CPUS
 UNREADABLE, SOURCE, RAW = "_unreadable", "_source", "_raw"
 RAW_SCHEMA = pa.schema([(SOURCE, pa.string()), (RAW, pa.string()), (UNREADABLE, pa.string())])
 KNOWN_TYPES = {f.name: f.type for f in schema.GENERATION_SCHEMA}
-ROWS_PER_BLOCK = 4096
+ROWS_PER_BLOCK = 32768
 
 
 def read_input(path: str | Path):

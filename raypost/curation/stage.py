@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from raypost import console
-from raypost.curation.config import CurateStage
+from raypost.curation.config import CurateStage, is_pattern
 from raypost.curation.pipeline import curate, load_rows
 
 
 def run_curate_stage(stage: CurateStage, context) -> dict[str, Any]:
     # `input` and the steps' `stage` fields name an earlier stage or a path; the recipe checked
     # both when it loaded
-    dataset, unreadable = load_rows(context.stage_output(stage.input))
+    dataset, unreadable = load_rows(stage.input if is_pattern(stage.input) else context.stage_output(stage.input))
     summary = curate(
         dataset,
         stage.steps,
