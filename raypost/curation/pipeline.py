@@ -215,8 +215,8 @@ def curate(dataset, steps: Sequence[Any], *, output_dir: str | Path, model_refer
 def load_rows(path: str | Path) -> tuple[Any, list[records.Rejected]]:
     """Rows for curation from a stage directory or row files (JSONL, JSON, Parquet, Arrow; paths,
     directories, globs, URIs), read on the workers (raypost.curation.inputs). Lines that cannot
-    be read travel with the rows, marked, and `validate` sets them aside with their file:line;
-    the list is for rows set aside before (kept for callers that pass their own)."""
+    be read travel with the rows, marked, and `validate` sets them aside with their file:line,
+    so the list of rows set aside on the driver that this returns beside the Dataset is empty."""
     from raypost.curation.inputs import read_input
 
     return read_input(path), []
