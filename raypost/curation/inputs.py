@@ -42,7 +42,7 @@ def read_input(path: str | Path):
     ensure_ray()
     import ray
 
-    raw = ray.data.read_datasource(_datasource(files)).materialize()
+    raw = ray.data.read_datasource(sources.file_datasource(files, raw_blocks)).materialize()
     table_schema = _unified(raw)
     return raw.map_batches(typed_rows, batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_CPUS,
                            fn_kwargs=dict(table_schema=table_schema))
@@ -61,23 +61,6 @@ def raw_blocks(handle, path: str) -> Any:
             block = []
     if block:
         yield pa.Table.from_pylist(block, schema=RAW_SCHEMA)
-
-
-def _datasource(files: sources.InputFiles):
-    from ray.data.datasource import FileBasedDatasource
-
-    class RowFiles(FileBasedDatasource):
-        _FILE_EXTENSIONS = [ext.lstrip(".") for ext in sources.FORMATS]
-
-        def _open_input_source(self, filesystem, path, **open_args):
-            if path.lower().endswith(".parquet"):  # Parquet needs random access to its footer
-                return filesystem.open_input_file(path)
-            return super()._open_input_source(filesystem, path, **open_args)
-
-        def _read_stream(self, f, path: str):
-            yield from raw_blocks(f, path)
-
-    return RowFiles(list(files.paths), filesystem=files.filesystem)
 
 
 def _rows(batch: pa.Table) -> list[dict[str, Any] | None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -248,12 +248,12 @@ def prompt_blocks(handle, path: str, file_index: int, fmt: PromptFormat,
         yield pa.Table.from_pylist(block, schema=READ_SCHEMA)
 
 
-def _datasource(files: InputFiles, fmt: PromptFormat, rows_per_block: int):
+def file_datasource(files: InputFiles, blocks: Callable[[Any, str], Iterator[pa.Table]]):
+    """A Ray Data datasource over `files`: one read task a file, `blocks(open file, path)` turns
+    it into Arrow blocks on the worker."""
     from ray.data.datasource import FileBasedDatasource
 
-    index_of = {path: i for i, path in enumerate(files.paths)}
-
-    class PromptDatasource(FileBasedDatasource):
+    class RowFiles(FileBasedDatasource):
         _FILE_EXTENSIONS = [ext.lstrip(".") for ext in FORMATS]
 
         def _open_input_source(self, filesystem, path, **open_args):
@@ -262,9 +262,14 @@ def _datasource(files: InputFiles, fmt: PromptFormat, rows_per_block: int):
             return super()._open_input_source(filesystem, path, **open_args)
 
         def _read_stream(self, f, path: str):
-            yield from prompt_blocks(f, path, index_of[path], fmt, rows_per_block)
+            yield from blocks(f, path)
 
-    return PromptDatasource(list(files.paths), filesystem=files.filesystem)
+    return RowFiles(list(files.paths), filesystem=files.filesystem)
+
+
+def _datasource(files: InputFiles, fmt: PromptFormat, rows_per_block: int):
+    index_of = {path: i for i, path in enumerate(files.paths)}
+    return file_datasource(files, lambda f, path: prompt_blocks(f, path, index_of[path], fmt, rows_per_block))
 
 
 def read_prompts(files: InputFiles, fmt: PromptFormat, rows_per_block: int = ROWS_PER_BLOCK, **read_args):
