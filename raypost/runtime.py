@@ -48,6 +48,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     context.print_on_execution_start = False
 
 
+def shared(value) -> list:
+    """`value` put in the object store once, for a Ray Data map's `fn_kwargs`: every task then
+    fetches the one stored copy instead of carrying its own pickled copy. Wrapped in a list
+    because Ray resolves an object ref only where it is a task's own argument."""
+    import ray
+
+    return [ray.put(value)]
+
+
+def unshared(wrapped: list):
+    """The value `shared` wrapped (a caller in one process may pass `[value]` itself)."""
+    import ray
+
+    value = wrapped[0]
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 

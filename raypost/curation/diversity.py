@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from raypost import schema
 from raypost.curation.rows import LIGHT_CPUS, CurationLog, batch_rows, natural_key, prompt_text
+from raypost.runtime import unshared
 
 
 def minilm_path() -> Path:
@@ -116,17 +117,11 @@ def _cluster_units(embedder: str, budget: int, n_clusters: int, seed: int, *tabl
             "cluster_sizes_before": [len(m) for m in members], "cluster_sizes_after": quotas}, table
 
 
-def _assignment(ref) -> pa.Table:
-    import ray
-
-    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-
-
 def _with_clusters(batch: pa.Table, *, assignment: list, keep: bool) -> pa.Table:
     """The rows of `batch` that were (keep) or were not chosen, each with its `cluster`."""
     import pyarrow.compute as pc
 
-    table = _assignment(assignment[0])
+    table = unshared(assignment)
     ids = pc.cast(batch.column(schema.ID), pa.string())
     index = pc.index_in(ids, value_set=table.column("id"))
     cluster = pc.fill_null(pc.take(table.column("cluster"), index), -1)

@@ -34,6 +34,7 @@ from raypost.evaluation.loaders import EvalItem
 from raypost.evaluation.scoring import Score, pass_at_k
 from raypost.generation.batches import LIGHT_CPUS
 from raypost.records import DataError
+from raypost.runtime import shared
 
 
 @dataclass
@@ -256,7 +257,7 @@ def _score(generated, bench, options, items, prompts, failed, n, model, output_d
     if generated is not None:
         scored = generated.map_batches(
             score_block, batch_format="pyarrow", batch_size=None, num_cpus=1 if bench.runs_code else LIGHT_CPUS,
-            fn_kwargs=dict(tasks=[ray.put(tasks)], benchmark=bench.name, options=asdict(options), n=n, model=model,
+            fn_kwargs=dict(tasks=shared(tasks), benchmark=bench.name, options=asdict(options), n=n, model=model,
                            items_dir=str(items_dir)))
         metrics.named(scored, "eval", str(items_dir))
         verdicts = [row for block in ray.get(scored.to_arrow_refs()) for row in block.to_pylist()]

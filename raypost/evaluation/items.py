@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from raypost import schema
 from raypost.evaluation.loaders import EvalItem
 from raypost.evaluation.scoring import Score
+from raypost.runtime import unshared
 
 ITEM_SCHEMA = pa.schema([
     ("benchmark", pa.string()), ("id", pa.string()), ("subject", pa.string()), ("sample_index", pa.int64()),
@@ -40,12 +41,6 @@ def task_table(items: list[EvalItem], prompts: list[list[dict[str, str]]]) -> pa
     return pa.Table.from_pylist([
         {"id": i.id, "subject": i.subject, "reference": i.reference, "fields": json.dumps(i.fields, ensure_ascii=False),
          "messages": json.dumps(m, ensure_ascii=False)} for i, m in zip(items, prompts)], schema=TASK_SCHEMA)
-
-
-def _tasks(ref) -> pa.Table:
-    import ray
-
-    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def item_row(task: dict[str, Any], sample: int, generated: dict[str, Any] | None, score: Score, *,
@@ -71,7 +66,7 @@ def score_block(batch: pa.Table, *, tasks: list, benchmark: str, options: dict[s
     from raypost.evaluation.benchmarks import BenchmarkOptions, get_benchmark
     from raypost.generation.batches import commit_part
 
-    table = _tasks(tasks[0])
+    table = unshared(tasks)
     batch = batch.select(GENERATED_COLUMNS)
     index = pc.index_in(pc.cast(batch.column(schema.ID), pa.string()), value_set=table.column("id"))
     keep = pc.and_(pc.and_(pc.is_valid(index), pc.less(batch.column(schema.SAMPLE_INDEX), n)),

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from raypost.runtime import unshared
+
 
 def _normalized(text: str) -> str:
     from raypost.curation.dedup import normalize_text
@@ -90,9 +92,7 @@ VERDICT_SCHEMA = pa.schema([("id", pa.string()), ("correct", pa.bool_())])
 def verdicts(table: pa.Table, *, items: list) -> pa.Table:
     """Generation rows of loop items in, (id, correct) out: a Ray Data map on the workers, where
     a code item's answers run in the sandbox. `items`: [{id: item} or its object ref]."""
-    import ray
-
-    by_id = ray.get(items[0]) if isinstance(items[0], ray.ObjectRef) else items[0]
+    by_id = unshared(items)
     ids, texts = table.column("id").to_pylist(), table.column("response").to_pylist()
     # a code item's answer runs in its own sandbox process: the block's answers run side by side
     with ThreadPoolExecutor(max_workers=CodeCheck.workers) as pool:

@@ -39,6 +39,7 @@ from raypost.loop.ledger import Caps, Ledger, paid_entry, request_key
 from raypost.loop.strategies import Scored, answer_signals, is_correct, rank, score_items
 from raypost.loop.tracking import RoundTracker
 from raypost.records import DataError
+from raypost.runtime import shared
 
 SETTINGS_FILE = "loop.json"
 # what a round's data rows hand to the trainer (SFT conversations or preference pairs)
@@ -805,8 +806,6 @@ class LoopController:
         done = _read_json(path)
         if done is not None:
             return done
-        import ray
-
         started, starts = time.perf_counter(), self.engine_start_s
         sync = self._use_student(model)
         sampling = self.config.student.sampling.model_copy(update={
@@ -814,7 +813,7 @@ class LoopController:
         output = self.round_dir(round_index) / "eval_answers"
         verdicts = {v["id"]: v["correct"] for v in self._student_answers(
             self.run_dir / "eval.jsonl", output, model, sampling, checks.verdicts,
-            items=[ray.put({item["id"]: item for item in self.eval_items})])}
+            items=shared({item["id"]: item for item in self.eval_items}))}
         faults.maybe_kill(self.run_dir, "eval", round_index)
         failed = {r["id"]: r["reason"] for r in records.read_rows(output / "rejected")}
         per_item = [{"id": item["id"], "group": item["group"], "correct": bool(verdicts.get(item["id"], False)),
