@@ -646,6 +646,16 @@ def test_curate_input_path_is_found_beside_the_recipe(ray_local, tmp_path, monke
     recipe["stages"][0]["input"] = "shards/*.jsonl"
     (project / "glob.yaml").write_text(yaml.safe_dump(recipe))
     assert run_recipe(load_recipe(project / "glob.yaml"))["cur"]["rows_out"] == 2
+    # a dataset saved by HF `datasets` (Arrow files beside state.json), named by its directory
+    import datasets
+
+    datasets.Dataset.from_list([prompt_row(f"h-{i}", f"What is {i} + 2?", reference=f"#### {i + 2}",
+                                           response=f"#### {i + 2}") for i in range(3)]).save_to_disk(str(project / "hf"))
+    recipe["stages"][0]["input"] = "hf"
+    (project / "hf.yaml").write_text(yaml.safe_dump(recipe))
+    curated = run_recipe(load_recipe(project / "hf.yaml"))["cur"]
+    assert curated["rows_out"] == 3
+    assert sorted(r["id"] for r in records.read_rows(curated["output_dir"])) == ["h-0", "h-1", "h-2"]
     recipe["stages"][0]["input"] = "shards/*.parquet"
     (project / "none.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeError, match=r"shards/\*\.parquet: the pattern matches no file"):

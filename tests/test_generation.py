@@ -133,6 +133,37 @@ def test_inputs_resolve_from_globs_directories_and_uris(tmp_path):
         InputConfig(path=str(tmp_path / "nothing" / "*.jsonl"))
 
 
+def test_a_dataset_saved_by_hf_datasets_is_read_from_its_arrow_files(tmp_path, ray_local):
+    """`Dataset.save_to_disk` output (Arrow stream files beside dataset_info.json/state.json) as
+    the input directory: every row generated, a row without its question set aside as `file:row N`;
+    a DatasetDict's directory asks for one split, and a split without the prompt column is
+    refused naming its Arrow file, before any actor starts."""
+    import datasets
+
+    rows = [*questions(0, 5), {"qid": "id5", "question": None, "answer": "10"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    arrow = sorted((tmp_path / "saved").glob("*.arrow"))
+    assert arrow
+    summary = generate_files(str(tmp_path / "saved"), QUESTION, model="gold", output_dir=tmp_path / "out",
+                             engine=EngineConfig(backend="reference"), progress=False)
+    got = {(r["id"], r["sample_index"]): r for r in records.read_rows(tmp_path / "out")}
+    assert sorted(got) == [(f"id{i}", 0) for i in range(5)]
+    assert got[("id3", 0)]["reference"] == "6" and got[("id3", 0)]["response"] == "6"
+    assert summary.rows_written == 5 and summary.rows_rejected == 1
+    (rejected,) = records.read_rows(tmp_path / "out" / "rejected")
+    assert rejected["source"] == f"{arrow[-1]}:row 5" and "question" in rejected["reason"]
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(questions(0, 2))}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=f"{tmp_path / 'dict'}: a DatasetDict; point at one split directory"):
+        generate_files(str(tmp_path / "dict"), QUESTION, model="gold", output_dir=tmp_path / "out2",
+                       engine=EngineConfig(backend="reference"), progress=False)
+    datasets.Dataset.from_list([{"qid": "x", "text": "hi"}]).save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(DataError, match=r"\.arrow: no column 'question' \(prompt_field\)"):
+        generate_files(str(tmp_path / "other"), QUESTION, model="gold", output_dir=tmp_path / "out3",
+                       engine=EngineConfig(backend="reference"), progress=False)
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
 def generate_shards(shards: Path, out: Path, n: int):
     """The reference engine over every JSONL shard of `shards`, `n` samples a prompt, into `out`."""
     return generate_files(str(shards / "*.jsonl"), QUESTION, model="gold", output_dir=out,
