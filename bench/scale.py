@@ -4,7 +4,7 @@
     python bench/scale.py --sizes 10000 --no-legacy
 
 For each size the prompts are written as JSONL shards, and a fresh driver process runs
-`generate_files` over them; the driver reports its own peak RSS (ru_maxrss: the driver alone,
+`generate_files` over them; the driver reports its own peak RSS (VmHWM: the driver alone, not this parent,
 not Ray's worker processes) and rows/s. `--legacy-ref` runs the same prompts through the code
 path before streaming (the driver loads every row, builds the dataset with from_items and
 writes every part itself), checked out from git into a temp dir. At the largest size the driver
@@ -25,8 +25,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The child's own peak: VmHWM, not ru_maxrss, which Linux carries across fork and exec from this
+# parent (which held the generated rows): the children run legacy trees too, so they carry it.
+PEAK_RSS = """
+def peak_rss_mb():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
 CHILD_NEW = """
-import json, resource, sys, time
+import json, sys, time
 from raypost.config import EngineConfig, Resources, SamplingConfig
 from raypost.generation.pipeline import generate_files
 from raypost.records import PromptFormat
@@ -42,11 +54,11 @@ if __name__ == "__main__":
                        progress=False)
     seconds = time.perf_counter() - started
     print("RESULT", json.dumps({"rows": s.rows_written, "skipped": s.rows_skipped, "seconds": seconds,
-                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+                                "peak_rss_mb": peak_rss_mb()}), flush=True)
 """
 
 CHILD_LEGACY = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from raypost import records
 from raypost.config import EngineConfig, Resources, SamplingConfig
@@ -66,7 +78,7 @@ if __name__ == "__main__":
                  progress=False)
     seconds = time.perf_counter() - started
     print("RESULT", json.dumps({"rows": s.rows_written, "skipped": s.rows_skipped, "seconds": seconds,
-                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+                                "peak_rss_mb": peak_rss_mb()}), flush=True)
 """
 
 
@@ -84,7 +96,7 @@ def write_shards(directory: Path, rows: int, files: int) -> Path:
 def run_child(code: str, pythonpath: str, shards: Path, out: Path, fault: str | None = None,
               timeout: int = 3600, extra_args: list[str] = ()) -> dict | None:
     script = out.parent / f"child-{abs(hash(code)) % 10_000}.py"
-    script.write_text(code)
+    script.write_text(PEAK_RSS + code)
     env = {**os.environ, "PYTHONPATH": pythonpath, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if fault:
         env["RAYPOST_GENERATE_FAULT"] = fault

@@ -8,7 +8,7 @@ For each size a generate stage's output is written directly (Parquet parts of th
 schema: one response per prompt, every 10th answer wrong, every 50th prompt a repeat of an
 earlier one), and a fresh driver process runs `curate` over it with the steps that need no model:
 exact dedup, math verification, and the SFT and KTO sets. The driver reports its own peak RSS
-(ru_maxrss: the driver alone, not Ray's workers) and rows/s. `--legacy-ref` runs the same
+(VmHWM: the driver alone, not Ray's workers, nor this parent) and rows/s. `--legacy-ref` runs the same
 through the code path before the workers wrote curation's rows (the driver gathered the curated
 table, every rejected row and the training sets), checked out from git into a temp dir. Both
 must produce the same counts. `--select` adds response selection (the gold solution and the
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale import legacy_tree, measure, ratios  # noqa: E402
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from raypost.curation import curate
 from raypost.curation.config import CandidateConfig, DedupStep, SelectStep, VerifyStep, WriteStep
 from raypost.curation.rows import read_stage
@@ -64,7 +64,7 @@ if __name__ == "__main__":
                                 "kto": summary["steps"]["write"]["kto"]["rows"],
                                 "preference": summary["steps"]["write"].get("preference", {}).get("rows"),
                                 "seconds": seconds,
-                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+                                "peak_rss_mb": peak_rss_mb()}), flush=True)
 """
 
 
@@ -116,7 +116,7 @@ def main() -> None:
         if args.select else ["dedup(exact)", "verify(math)", "write(sft,kto)"]
     result: dict = {"steps": steps, "input": "one JSONL file (load_rows)" if args.jsonl else "Parquet parts",
                     "parts_per_size": args.files, "sizes": args.sizes}
-    label = {10_000: "10k", 100_000: "100k", 200_000: "200k", 300_000: "300k", 1_000_000: "1m"}
+    label = {10_000: "10k", 100_000: "100k", 200_000: "200k", 300_000: "300k", 1_000_000: "1m", 3_000_000: "3m"}
     counts: dict[str, dict] = {}
     for size in args.sizes:
         name = label.get(size, str(size))

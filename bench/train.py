@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -126,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         model_path = str(resolve_model(args.model))
     data = write_dataset(scratch / "gsm8k_sft.jsonl", args.rows)
 
+    from raypost.metrics import peak_rss_mb
     from raypost.training import TrainConfig
     from raypost.training.methods import uses_cpu_bf16_autocast
 
     bf16 = uses_cpu_bf16_autocast(TrainConfig.model_validate({"method": "sft"}))
     # TRL first, before Ray starts, so nothing else competes for the cores
     trl_tok_s = run_trl(args, model_path, data, scratch, bf16)
-    trl_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    trl_peak = peak_rss_mb()
     trl_allocator_tok_s = run_trl_with_allocator(args, model_path, data, scratch, bf16)
     from raypost.runtime import ensure_ray
 

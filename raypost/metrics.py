@@ -22,6 +22,19 @@ _DESCRIPTIONS = {
 }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not `ru_maxrss`: Linux carries the parent's
+    peak into it across fork and exec, so a small process started by a large one reports the
+    large one's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def count(directory: str, rows: int, *, rejected: bool = False) -> None:
     """Add `rows` to the counter of `directory`; a process outside Ray records nothing."""
     if rows <= 0:

@@ -207,6 +207,18 @@ def exported_metrics(ray) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
+def test_a_process_reports_its_own_peak_memory_not_the_one_of_the_process_that_started_it():
+    """What the benches and the training workers report as a process's peak: a child started by
+    a process holding 400 MB reports its own few MB (`ru_maxrss` would report the parent's)."""
+    held = bytearray(400 * 1024 * 1024)
+    held[::4096] = b"x" * len(held[::4096])   # touched, so resident
+    code = "from raypost.metrics import peak_rss_mb; print(peak_rss_mb())"
+    own = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=REPO).stdout)
+    assert own < 100
+    del held
+
+
 def test_rows_committed_and_rejected_reach_rays_metrics_beside_ray_datas_own(tmp_path, ray_local):
     """Where a run is watched on a cluster: the workers count what they commit and set aside as
     Ray metrics tagged with the output, and Ray Data's own per-operator metrics carry the run's

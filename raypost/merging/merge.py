@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
 import time
 from contextlib import ExitStack
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from raypost import metrics
 from raypost.merging import methods
 from raypost.merging.config import check_merge_arguments
 from raypost.merging.checkpoint import (
@@ -160,7 +160,7 @@ def merge_checkpoints(
         output_dir=str(output), method=method, models=[str(p) for p in paths],
         base_model=str(base_path) if base_path is not None else None, tensors_merged=merged, tensors_copied=copied,
         shards=n_shards, output_bytes=total, seconds=round(time.time() - started, 3),
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=metrics.peak_rss_mb(),
     )
     resolved = {"normalize": normalize, "rescale": rescale, "weights": weights}
     (partial / MARKER).write_text(json.dumps({"request": request, "resolved": resolved, "summary": summary.as_dict()},

@@ -9,16 +9,13 @@ a resume on any rank finds them.
 from __future__ import annotations
 
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from raypost.metrics import peak_rss_mb
 
 
 class ThroughputCallback(TrainerCallback):

@@ -87,7 +87,8 @@ def fit_and_export(config, model_path: str, rows: list[dict], hf_dir: Path, expo
     from transformers.trainer_callback import PrinterCallback
 
     from raypost.training.allocator import active_allocator
-    from raypost.training.callbacks import ThroughputCallback, peak_rss_mb
+    from raypost.metrics import peak_rss_mb
+    from raypost.training.callbacks import ThroughputCallback
     from raypost.training.methods import build_trainer
     from raypost.training.packing import use_row_packing
 
